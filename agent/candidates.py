@@ -1,0 +1,125 @@
+"""From a proposal to a candidate commit, and from the history to a proposer's context.
+
+A proposal is applied to its parent's files in memory, checked against the target's rules, and
+rejected before any GPU time is spent when its normalised content was already tried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from agent.proposal import Attempt, Proposal, ProposalContext
+from runs_db.db import RunsDB
+from search_space.edits import Edit, EditError, apply_edits
+from search_space.knobs import KNOBS_FILE, knob_changes
+from search_space.rules import RuleViolation, check_change, matches
+from search_space.target import Target
+
+MAX_BEST, MAX_FAILURES = 5, 6
+
+
+def normalised_key(files: dict[str, str]) -> str:
+    """Equal for changes that differ only in trailing whitespace or blank lines."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        lines = [line.rstrip() for line in files[path].splitlines() if line.strip()]
+        h.update(path.encode() + b"\0" + "\n".join(lines).encode() + b"\0")
+    return h.hexdigest()
+
+
+@dataclass
+class Record:
+    commit: str
+    parent: str
+    title: str
+    proposer: str
+    rung: str
+    status: str
+    value: float | None
+    speedup: float
+    reason: str
+
+
+class Candidates:
+    def __init__(self, db: RunsDB, target: Target, cache_size: int = 256):
+        self.db, self.target = db, target
+        self._files: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self._diffs: dict[str, str] = {}
+        self.cache_size = cache_size
+        self.records: list[Record] = []
+        self.seen: dict[str, str] = {}  # normalised key -> commit
+        for commit, *_ in [(db.base_commit,), *db.candidates()]:
+            self.seen.setdefault(normalised_key(self.files(commit)), commit)
+
+    def files(self, commit: str) -> dict[str, str]:
+        """The editable files (and the knob file) of a commit; commits never change, so this caches."""
+        if commit not in self._files:
+            every = self.db.files(commit)
+            self._files[commit] = {p: t for p, t in every.items()
+                                   if p == KNOBS_FILE or matches(p, self.target.editable)}
+            if len(self._files) > self.cache_size:
+                self._files.popitem(last=False)
+        self._files.move_to_end(commit)
+        return self._files[commit]
+
+    def diff(self, commit: str) -> str:
+        if commit not in self._diffs:
+            self._diffs[commit] = self.db.diff(commit)
+        return self._diffs[commit]
+
+    def changes(self, parent: str, edits: list[Edit], knobs: dict | None = None) -> dict[str, str]:
+        """Apply edits and knob values to the parent's files; raises EditError / RuleViolation."""
+        return self._apply(self.files(parent), edits, knobs)
+
+    def _apply(self, files: dict[str, str], edits: list[Edit], knobs: dict | None = None) -> dict[str, str]:
+        new = apply_edits(files, list(edits)) if edits else {}
+        if knobs:
+            try:
+                new.update(knob_changes({**files, **new}, self.target.knobs, knobs))
+            except KeyError as e:
+                raise EditError(str(e)) from None
+        new = {p: t for p, t in new.items() if t != files.get(p)}
+        check_change(self.target, {p: (files.get(p), t) for p, t in new.items()})
+        return new
+
+    def commit(self, proposal: Proposal) -> tuple[str | None, str]:
+        """(commit, "") for a new candidate, or (None, why it was rejected)."""
+        try:
+            changes = self.changes(proposal.parent, list(proposal.edits), proposal.knobs)
+        except (EditError, RuleViolation) as e:
+            return None, str(e)
+        key = normalised_key({**self.files(proposal.parent), **changes})
+        if key in self.seen:
+            return None, f"already tried as {self.seen[key][:8]} (same normalised change)"
+        commit, created = self.db.commit_candidate(proposal.parent, changes, proposal.title, proposal.rationale,
+                                                   proposal.proposer, model=proposal.model)
+        self.seen[key] = commit
+        if not created:
+            return None, f"same tree as {commit[:8]}"
+        return commit, ""
+
+    def record(self, r: Record) -> None:
+        self.records.append(r)
+
+    def context(self, parent: str, baseline_line: str) -> ProposalContext:
+        files = self.files(parent)
+        done = [r for r in self.records if r.rung != "smoke" and r.value is not None and r.speedup > 0]
+        best: dict[str, Record] = {}
+        for r in sorted(done, key=lambda r: -r.speedup):
+            best.setdefault(r.commit, r)
+        failures = [r for r in self.records if r.status not in ("ok",)][-MAX_FAILURES:]
+
+        def attempt(r: Record) -> Attempt:
+            return Attempt(r.title, r.proposer, self.diff(r.commit), r.status, r.value, r.speedup, r.reason)
+
+        return ProposalContext(
+            target=self.target, parent=parent, files=files,
+            best=[attempt(r) for r in list(best.values())[:MAX_BEST]],
+            failures=[attempt(r) for r in failures],
+            tried=list(dict.fromkeys(r.title for r in self.records)),
+            notes=list(self.db.get_state("notes", [])),
+            baseline=baseline_line,
+            check=lambda edits: self._apply(files, edits),  # proposer threads: no cache access
+        )

@@ -1,0 +1,159 @@
+"""One run end to end: materialise, check, run sandboxed, read live, stop early, classify."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from env.data import DataError, ensure_data
+from env.provenance import provenance
+from env.readout import CurveReader
+from env.result import RunResult, Status
+from env.sandbox import Limits, Sandbox, SandboxRequest
+from env.stats import Band
+from env.workspace import apply_patch, materialise_base, materialise_commit
+from search_space.edits import EditError
+from search_space.knobs import routed_values
+from search_space.rules import RuleViolation
+from search_space.target import Target
+
+TAIL_CHARS = 3000
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: which candidate, which seed, how long, and the band that may stop it early."""
+
+    target: Target
+    seed: int = 0
+    fidelity: str = "full"
+    repo: Path | None = None  # with `commit`: a candidate of a search's history
+    commit: str | None = None
+    patch: str | None = None  # applied on top of the commit (or of the target's base)
+    band: Band | None = None
+    gpu_ids: tuple[str, ...] = ()
+    run_id: str = ""
+
+
+def make_sandbox(name: str, target: Target | None = None) -> Sandbox:
+    if name == "process":
+        from env.process_sandbox import ProcessSandbox
+
+        return ProcessSandbox()
+    if name == "docker":
+        from env.docker_sandbox import DockerSandbox
+
+        return DockerSandbox(image=target.docker_image if target else "speedsearch-runner:latest")
+    raise ValueError(f"sandbox {name!r}: use process or docker")
+
+
+def log_tail(path: Path, chars: int = TAIL_CHARS) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - chars))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _materialise(spec: RunSpec, workdir: Path) -> None:
+    if spec.commit:
+        materialise_commit(spec.repo or spec.target.repo, spec.commit, workdir)
+    else:
+        materialise_base(spec.target, workdir)
+    if spec.patch:
+        apply_patch(spec.target, workdir, spec.patch)
+
+
+def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.Event | None = None,
+             cache_dir: Path | None = None, keep_workdir: bool = False) -> RunResult:
+    """Never raises for anything the candidate does: every outcome is a RunResult with a reason."""
+    target = spec.target
+    t0 = time.perf_counter()
+    run_dir = Path(run_root) / (spec.run_id or f"{spec.fidelity}-s{spec.seed}-{uuid.uuid4().hex[:8]}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    workdir, log_path = run_dir / "work", run_dir / "run.log"
+    steps = target.steps(spec.fidelity)
+    result = RunResult(Status.INVALID, total_steps=steps, seed=spec.seed, fidelity=spec.fidelity,
+                       commit=spec.commit or "", log=str(log_path), provenance=provenance(spec.gpu_ids))
+    try:
+        _materialise(spec, workdir)
+        data = ensure_data(target)
+    except (EditError, RuleViolation) as e:
+        result.reason = f"invalid change: {e}"
+        log_path.write_text(result.reason + "\n")
+        return _done(result, t0, workdir, keep_workdir)
+    except DataError as e:
+        result.status, result.reason = Status.FAILED, str(e)
+        return _done(result, t0, workdir, keep_workdir)
+
+    env, flags = routed_values(workdir, target.knobs)
+    command = target.render_command(seed=spec.seed, steps=steps, data=data or "")
+    if flags:
+        command += " " + " ".join(shlex.quote(f) for f in flags)
+    reader = CurveReader(target.readout, steps)
+    pruned: list[str] = []
+
+    def on_line(line: str) -> bool:
+        if target.readout.format != "speedrun":
+            return False
+        point = reader.feed(line)
+        if point is None:
+            return reader.nonfinite is not None
+        if spec.band is not None and spec.band.worse(point):
+            pruned.append(f"val_loss {point.val_loss:.4f} at step {point.step} is above the baseline band "
+                          f"({spec.band.limit(point.step):.4f})")
+            return True
+        return False
+
+    request = SandboxRequest(
+        command=command, workdir=workdir, log_path=log_path, env={**target.env, **env},
+        limits=Limits(timeout_s=target.resources.timeout_s, memory_mb=target.resources.memory_mb,
+                      cpus=target.resources.cpus, gpu_ids=spec.gpu_ids),
+        data=data, cache_dir=cache_dir)
+    try:
+        outcome = sandbox.run(request, on_line=on_line, cancel=cancel)
+    except Exception as e:  # a sandbox that cannot start is the machine's fault, not the candidate's
+        result.status, result.reason = Status.FAILED, f"sandbox error: {type(e).__name__}: {e}"
+        return _done(result, t0, workdir, keep_workdir)
+    if target.readout.format == "jsonl":
+        reader.read_metrics_file(workdir)
+    result.curve = reader.points
+    result.provenance["peak_rss_mb"] = outcome.peak_rss_mb
+    result.provenance["sandbox"] = sandbox.name
+    result.provenance["command"] = command
+    result.status, result.reason = _classify(outcome, reader, pruned, log_path)
+    return _done(result, t0, workdir, keep_workdir)
+
+
+def _classify(outcome, reader: CurveReader, pruned: list[str], log_path: Path) -> tuple[Status, str]:
+    if outcome.killed == "stopped" and pruned:
+        return Status.PRUNED, pruned[0]
+    if reader.nonfinite:
+        return Status.FAILED, f"loss diverged: {reader.nonfinite}"
+    if outcome.killed == "timeout":
+        return Status.TIMEOUT, f"killed after the time limit; {outcome.detail}".strip("; ")
+    if outcome.killed == "memory":
+        return Status.FAILED, f"out of memory: {outcome.detail or 'memory limit exceeded'}"
+    if outcome.killed == "cancelled":
+        return Status.FAILED, "cancelled"
+    if outcome.exit_code != 0:
+        return Status.FAILED, f"exit code {outcome.exit_code}; log tail:\n{log_tail(log_path)}"
+    if problem := reader.problem or reader.clock_problem():
+        return Status.INVALID, f"the log is not to be trusted: {problem}"
+    if why := reader.incomplete():
+        return Status.FAILED, f"{why}; log tail:\n{log_tail(log_path)}"
+    return Status.OK, ""
+
+
+def _done(result: RunResult, t0: float, workdir: Path, keep: bool) -> RunResult:
+    result.wall_s = time.perf_counter() - t0
+    if not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result

@@ -1,0 +1,110 @@
+"""The pool: one Ray task per run, with the GPUs and CPUs the target asks for.
+
+A local `ray.init()` by default, an address for a cluster, logical GPUs in tests. A dead node
+retries the run (Ray's task retries); a failing trainer does not (evaluate returns, never raises).
+Each worker slot keeps its compile caches in one folder, so a candidate that keeps the graph does
+not pay for compilation again.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from env.evaluate import RunSpec, evaluate, make_sandbox
+from env.result import RunResult
+from search_space.target import cache_dir
+
+LOG_CHARS = 4_000_000  # the log travels back with the result, so artifacts work across nodes
+
+
+@dataclass
+class Finished:
+    result: RunResult
+    log_text: str
+    worker: str
+
+
+def _run(spec: RunSpec, sandbox_name: str, run_root: str) -> Finished:
+    ctx = ray.get_runtime_context()
+    gpu_ids = tuple(str(g) for g in ctx.get_accelerator_ids().get("GPU", []))
+    spec = replace(spec, gpu_ids=gpu_ids or spec.gpu_ids)
+    slot = "gpu" + "-".join(gpu_ids) if gpu_ids else f"cpu-{os.getpid()}"
+    cache = cache_dir() / "compile" / f"{ctx.get_node_id()[:12]}-{slot}"
+    cache.mkdir(parents=True, exist_ok=True)
+    cancel = threading.Event()
+    try:
+        result = evaluate(spec, make_sandbox(sandbox_name, spec.target), Path(run_root), cancel=cancel,
+                          cache_dir=cache)
+    except (KeyboardInterrupt, ray.exceptions.TaskCancelledError):
+        cancel.set()
+        raise
+    log = Path(result.log)
+    text = log.read_text(errors="replace")[-LOG_CHARS:] if log.exists() else ""
+    return Finished(result, text, f"{ctx.get_node_id()[:12]}/{slot}")
+
+
+class Pool:
+    """Submit RunSpecs, get RunResults. Resources per run come from the target."""
+
+    def __init__(self, address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+                 sandbox: str = "process", run_root: Path | str | None = None):
+        if not ray.is_initialized():
+            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+            if address:
+                ray.init(address=address, **kw)
+            else:
+                ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kw)
+        self.sandbox = sandbox
+        self.run_root = str(run_root or cache_dir() / "runs")
+        self._remote = ray.remote(max_retries=3, retry_exceptions=False)(_run)
+
+    def capacity(self, cpus: int, gpus: int) -> int:
+        """How many runs of this size fit in the cluster at once."""
+        total = ray.cluster_resources()
+        fits = [int(total.get("CPU", 0) // max(cpus, 1))]
+        if gpus:
+            fits.append(int(total.get("GPU", 0) // gpus))
+        return max(1, min(fits))
+
+    def submit(self, spec: RunSpec) -> ray.ObjectRef:
+        res = spec.target.resources
+        return self._remote.options(num_cpus=res.cpus, num_gpus=res.gpus).remote(spec, self.sandbox, self.run_root)
+
+    def wait(self, refs: list[ray.ObjectRef], timeout: float | None = None) -> list[ray.ObjectRef]:
+        if not refs:
+            return []
+        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if done:  # collect everything else that is already finished too
+            more, _ = ray.wait([r for r in refs if r not in done], num_returns=len(refs) - len(done), timeout=0)
+            done += more
+        return done
+
+    @staticmethod
+    def get(ref: ray.ObjectRef) -> Finished:
+        return ray.get(ref)
+
+    @staticmethod
+    def cancel(ref: ray.ObjectRef) -> None:
+        ray.cancel(ref, force=False)
+
+    def run(self, spec: RunSpec) -> Finished:
+        return ray.get(self.submit(spec))
+
+    @staticmethod
+    def shutdown() -> None:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def wait_for_workers(pool: Pool, timeout: float = 60.0) -> None:
+    """Block until the cluster reports its resources (a fresh local cluster takes a moment)."""
+    t0 = time.time()
+    while not ray.cluster_resources().get("CPU") and time.time() - t0 < timeout:
+        time.sleep(0.1)

@@ -1,0 +1,55 @@
+"""What one run produced: a status a person (and an LLM) can act on, the curve, and provenance."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Status(StrEnum):
+    OK = "ok"
+    FAILED = "failed"  # the trainer raised, crashed, ran out of memory, printed NaN
+    TIMEOUT = "timeout"  # killed at the target's time limit
+    PRUNED = "pruned"  # stopped early: clearly worse than the baseline band at the same step
+    INVALID = "invalid"  # the change broke a rule, did not apply, or the log is not to be trusted
+
+
+@dataclass(frozen=True)
+class Point:
+    step: int
+    val_loss: float
+    train_ms: float
+
+
+@dataclass
+class RunResult:
+    status: Status
+    reason: str = ""
+    curve: list[Point] = field(default_factory=list)
+    total_steps: int = 0
+    wall_s: float = 0.0
+    log: str = ""
+    seed: int = 0
+    fidelity: str = ""
+    commit: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> Point | None:
+        return self.curve[-1] if self.curve else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["status"] = self.status.value
+        out["curve"] = [[p.step, p.val_loss, p.train_ms] for p in self.curve]
+        f = self.final
+        out["final"] = {"val_loss": f.val_loss, "train_ms": f.train_ms, "steps": f.step} if f else None
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunResult:
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        d["status"] = Status(d["status"])
+        d["curve"] = [Point(int(s), float(v), float(t)) for s, v, t in d.get("curve", [])]
+        return cls(**d)

@@ -1,0 +1,76 @@
+"""Artifacts: what each run left behind, under D/artifacts/trial-<n>/.
+
+    seed-<s>-<fidelity>.log    the run's full log (a copy; the run folder is temporary)
+    seed-<s>-<fidelity>.json   RunResult.to_dict(), its `log` pointing at the copy above
+    loss-<fidelity>.png        the trial's loss curves against the baseline's
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from env.result import RunResult
+from runs_db.study import jsonable
+
+MAX_PATH_CHARS = 4096
+
+
+def _log_source(log: str) -> Path | None:
+    """`RunResult.log` is either the log's text or the path of a log file; the path if it is one."""
+    if not log or "\n" in log or len(log) > MAX_PATH_CHARS:
+        return None
+    try:
+        path = Path(log)
+        return path if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+class Artifacts:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def trial_dir(self, number: int) -> Path:
+        return self.root / f"trial-{number}"
+
+    def run_stem(self, number: int, seed: int, fidelity: str) -> Path:
+        return self.trial_dir(number) / f"seed-{seed}-{fidelity or 'run'}"
+
+    def plot_path(self, number: int, fidelity: str) -> Path:
+        return self.trial_dir(number) / f"loss-{fidelity or 'run'}.png"
+
+    def has_run(self, number: int, result: RunResult) -> bool:
+        return self.run_stem(number, result.seed, result.fidelity).with_suffix(".json").is_file()
+
+    def save_run(self, number: int, result: RunResult) -> Path:
+        """Copy the run's log and write its JSON; returns the JSON's path. Saving again replaces."""
+        stem = self.run_stem(number, result.seed, result.fidelity)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        log_dst = stem.with_suffix(".log")
+        src = _log_source(result.log)
+        if src is not None:
+            if src.resolve() != log_dst.resolve():
+                shutil.copyfile(src, log_dst)
+        elif result.log or not log_dst.exists():
+            log_dst.write_text(result.log, encoding="utf-8", errors="replace")
+        data = jsonable(result.to_dict())
+        data["log"] = log_dst.name  # relative: the search folder may move
+        json_path = stem.with_suffix(".json")
+        tmp = json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, json_path)  # readers never see half a file
+        return json_path
+
+    def runs(self, number: int) -> list[RunResult]:
+        """The saved runs of trial `number`, by seed; each `log` is the absolute path of its copy."""
+        out = []
+        for path in sorted(self.trial_dir(number).glob("seed-*.json")):
+            data = json.loads(path.read_text())
+            data["curve"] = [p for p in data.get("curve", []) if p[1] is not None]
+            result = RunResult.from_dict(data)
+            result.log = str(path.parent / data.get("log", path.with_suffix(".log").name))
+            out.append(result)
+        return sorted(out, key=lambda r: (r.fidelity, r.seed))

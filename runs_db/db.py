@@ -1,0 +1,400 @@
+"""RunsDB: the one door to what happened in a search (Optuna study + git history + artifacts).
+
+A search lives in one folder D:
+
+    D/search.toml   the launch settings, plus a [runs_db] table (storage, study name, base)
+    D/study.db      the Optuna study (SQLite), unless settings name another storage URL
+    D/repo/         git: the target's base tree is the root commit, candidates are commits
+    D/artifacts/    per trial: run logs, run JSON, loss-curve plots
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import time
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+from optuna.distributions import BaseDistribution
+
+from env.result import RunResult, Status
+from runs_db.artifacts import Artifacts
+from runs_db.history import History, snapshot
+from runs_db.plots import plot_loss_curves
+from runs_db.study import Study, StudyError, TrialRecord, summarise_runs
+from search_space.target import Target
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE, STUDY_FILE, REPO_DIR, ARTIFACTS_DIR = "search.toml", "study.db", "repo", "artifacts"
+META_KEY = "runs_db"  # the table of search.toml that RunsDB owns
+DEFAULT_STUDY = "speedsearch"
+BASELINE = "baseline"  # the proposer name of the base's own runs
+
+
+class SearchExistsError(FileExistsError):
+    """The folder already holds a search: resume it with RunsDB.open, or pick another folder."""
+
+
+class RunsDB:
+    """Use RunsDB.create(...) for a new search, RunsDB.open(dir) to resume one; close() when done."""
+
+    def __init__(self, dir: Path, settings: dict[str, Any], meta: dict[str, Any], study: Study,
+                 history: History):
+        self.dir, self.settings, self.meta = Path(dir), settings, meta
+        self.study, self.history = study, history
+        self.artifacts = Artifacts(self.dir / ARTIFACTS_DIR)
+        self._owner = {"host": socket.gethostname(), "pid": os.getpid(), "session": uuid.uuid4().hex,
+                       "since": time.time()}
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, dir: str | Path, settings: dict[str, Any], target: Target,
+               storage: str | None = None) -> RunsDB:
+        """A new search in `dir`: snapshot the target's base tree as the root commit, make the study.
+
+        `storage` is an RDB URL (postgresql://...) shared with others; default a SQLite file in
+        `dir`. Raises SearchExistsError when `dir` already holds a search.
+        """
+        d = Path(dir).resolve()
+        for name in (SETTINGS_FILE, STUDY_FILE, REPO_DIR):
+            if (d / name).exists():
+                raise SearchExistsError(f"{d} already holds a search ({name} exists); resume it instead")
+        settings = {k: v for k, v in settings.items() if k != META_KEY}
+        name = str(settings.get("study_name") or DEFAULT_STUDY)
+        files, source_commit = snapshot(target.repo, target.base_ref)
+        if not files:
+            raise ValueError(f"target {target.name}: {target.repo} has no files to snapshot")
+        d.mkdir(parents=True, exist_ok=True)
+        created: list[Path] = []
+        study = history = None
+        try:
+            created.append(d / STUDY_FILE)
+            study = Study(storage or _sqlite_url(d), name, create=True)
+            created.append(d / REPO_DIR)
+            origin = f"{target.repo}@{target.base_ref}" + (f" ({source_commit})" if source_commit else "")
+            history = History.create(d / REPO_DIR, files, f"Base: {target.name}\n\nSnapshot of {origin}.\n")
+            meta = {"study_name": name, "base_commit": history.base_commit, "target": target.name,
+                    "target_repo": str(target.repo), "base_ref": target.base_ref,
+                    "source_commit": source_commit, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if storage:
+                meta["storage"] = storage
+            study.set_user_attr("speedsearch", {k: v for k, v in meta.items() if k != "storage"})
+            (d / ARTIFACTS_DIR).mkdir(exist_ok=True)
+            # Written last: a folder with search.toml is a complete search.
+            (d / SETTINGS_FILE).write_text(dumps_toml({**settings, META_KEY: meta}))
+        except BaseException:
+            if study is not None:
+                if storage:
+                    study.delete()
+                study.close()
+            if history is not None:
+                history.close()
+            for p in created:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            raise
+        return cls(d, settings, meta, study, history)
+
+    @classmethod
+    def open(cls, dir: str | Path) -> RunsDB:
+        """Resume the search in `dir`; everything needed is in its search.toml."""
+        d = Path(dir).resolve()
+        path = d / SETTINGS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{d}: no {SETTINGS_FILE}; not a search folder (RunsDB.create makes one)")
+        raw = tomllib.loads(path.read_text())
+        meta = raw.pop(META_KEY, {})
+        study = Study(meta.get("storage") or _sqlite_url(d), meta.get("study_name", DEFAULT_STUDY))
+        try:
+            history = History(d / REPO_DIR)
+        except BaseException:
+            study.close()
+            raise
+        return cls(d, raw, meta, study, history)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.history.close()
+            self.study.close()
+
+    def __enter__(self) -> RunsDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def storage_url(self) -> str:
+        return self.study.url
+
+    @property
+    def study_name(self) -> str:
+        return self.study.name
+
+    @property
+    def base_commit(self) -> str:
+        return self.meta.get("base_commit") or self.history.base_commit
+
+    @property
+    def repo_path(self) -> Path:
+        return self.dir / REPO_DIR
+
+    # -- candidates (git) --------------------------------------------------------------------
+
+    def files(self, commit: str, paths: list[str] | None = None) -> dict[str, str]:
+        return self.history.files(commit, paths)
+
+    def ls(self, commit: str) -> list[str]:
+        return self.history.ls(commit)
+
+    def diff(self, commit: str, against: str | None = None) -> str:
+        return self.history.diff(commit, against)
+
+    def message(self, commit: str) -> str:
+        return self.history.message(commit)
+
+    def lineage(self, commit: str) -> list[str]:
+        return self.history.lineage(commit)
+
+    def note(self, commit: str) -> str:
+        return self.history.note(commit)
+
+    def resolve(self, rev: str) -> str:
+        return self.history.resolve(rev)
+
+    def commit_candidate(self, parent: str, changes: dict[str, str | None], title: str, rationale: str,
+                         proposer: str, model: str | None = None) -> tuple[str, bool]:
+        """Commit `changes` (path -> text, None deletes) on `parent`: (commit, created_new).
+
+        The same resulting tree as an existing candidate returns that candidate, created_new False.
+        """
+        title = " ".join(title.split()) or "untitled change"
+        trailers = f"Proposer: {proposer}" + (f"\nModel: {model}" if model else "")
+        body = rationale.strip()
+        message = f"{title}\n\n{body}\n\n{trailers}\n" if body else f"{title}\n\n{trailers}\n"
+        return self.history.commit(parent, changes, message, title)
+
+    def create_branch(self, name: str, commit: str) -> str:
+        return self.history.create_branch(name, commit)
+
+    # -- trials (Optuna) ---------------------------------------------------------------------
+
+    def start_trial(self, commit: str, parent: str | None, proposer: str, title: str, fidelity: str,
+                    attrs: dict[str, Any] | None = None, *, model: str | None = None,
+                    params: dict[str, Any] | None = None,
+                    distributions: dict[str, BaseDistribution] | None = None) -> int:
+        """A RUNNING trial for `commit` at `fidelity`; returns its number.
+
+        `parent` None means the commit's git parent. `params`/`distributions` record knob values.
+        """
+        commit = self.history.resolve(commit)
+        parent = self.history.resolve(parent) if parent else self.history.parent(commit)
+        core = {"commit": commit, "parent": parent, "proposer": proposer, "model": model,
+                "title": title, "fidelity": fidelity, "controller": self._owner}
+        return self.study.ask({**(attrs or {}), **core}, params, distributions)
+
+    def finish_trial(self, number: int, value: float | None, results: list[RunResult],
+                     attrs: dict[str, Any] | None = None, state: str | None = None) -> None:
+        """Record how trial `number` ended.
+
+        state: "complete" (needs a finite value), "fail" or "pruned"; default complete when a
+        value is given, fail otherwise. A non-finite value turns into FAIL with the reason in
+        the `fail_reason` attr. Unsaved runs are saved; per-seed summaries go in the `runs`
+        attr; the commit's git note and the trial's loss plot are refreshed.
+        """
+        if self.study.trial(number).state.is_finished():
+            raise StudyError(f"trial {number}: already finished")
+        attrs = dict(attrs or {})
+        state = state or ("complete" if value is not None else "fail")
+        if state == "complete" and value is None:
+            raise ValueError(f"trial {number}: state complete needs a value")
+        if value is not None and not math.isfinite(value):
+            attrs.setdefault("fail_reason", f"objective is not finite ({value})")
+            attrs["objective"], value, state = str(value), None, "fail"
+        elif value is not None:
+            attrs["objective"] = value
+        for r in results:
+            if not self.artifacts.has_run(number, r):
+                self.artifacts.save_run(number, r)
+        attrs.update(summarise_runs(results))
+        if state == "fail" and not attrs.get("fail_reason"):
+            bad = [r for r in results if r.status != Status.OK]
+            attrs["fail_reason"] = bad[0].reason if bad else "failed"
+        self.study.set_attrs(number, attrs)
+        self.study.tell(number, value, state)
+        record = self.trial(number)
+        self._refresh_note(record.commit)
+        self._plot(record)
+
+    def mark_failed(self, number: int, reason: str) -> None:
+        """End a trial that will never finish (e.g. its controller died) as FAIL with `reason`."""
+        self.study.set_attrs(number, {"fail_reason": reason})
+        self.study.tell(number, None, "fail")
+        self._refresh_note(self.trial(number).commit)
+
+    def trial(self, number: int) -> TrialRecord:
+        return TrialRecord.from_frozen(self.study.trial(number))
+
+    def trials(self) -> list[TrialRecord]:
+        return [TrialRecord.from_frozen(t) for t in self.study.trials()]
+
+    def completed(self, commit: str, fidelity: str) -> TrialRecord | None:
+        """The latest COMPLETE trial of `commit` at `fidelity`, to reuse instead of rerunning."""
+        commit = self.history.resolve(commit)
+        done = [t for t in self.trials() if t.state == "complete" and t.commit == commit
+                and t.fidelity == fidelity]
+        return done[-1] if done else None
+
+    def stale_running(self, other_hosts: bool = False) -> list[TrialRecord]:
+        """RUNNING trials whose controller is gone: started by a process of this host that no
+        longer runs (or by this process before it reopened the search). Trials started on
+        other hosts count only with `other_hosts=True`: their liveness cannot be seen from here."""
+        out = []
+        for t in self.trials():
+            if t.state != "running":
+                continue
+            owner = t.attrs.get("controller") or {}
+            if owner.get("session") == self._owner["session"]:
+                continue
+            if owner.get("host") != self._owner["host"]:
+                if other_hosts or not owner:
+                    out.append(t)
+            elif not _alive(owner.get("pid"), owner.get("since")) or owner.get("pid") == os.getpid():
+                out.append(t)
+        return out
+
+    # -- runs (artifacts) --------------------------------------------------------------------
+
+    def save_run(self, trial_number: int, result: RunResult) -> Path:
+        """Copy the run's log into D/artifacts/trial-<n>/ and write its JSON; returns the JSON path."""
+        return self.artifacts.save_run(trial_number, result)
+
+    def runs(self, trial_number: int) -> list[RunResult]:
+        return self.artifacts.runs(trial_number)
+
+    def baseline(self, fidelity: str, ok_only: bool = True) -> list[RunResult]:
+        """The saved runs at `fidelity` of every trial whose proposer is "baseline" (OK ones only
+        unless ok_only=False), running trials included so interleaved seeds count at once."""
+        out = []
+        for t in self.trials():
+            if t.proposer == BASELINE and t.fidelity == fidelity:
+                out += [r for r in self.runs(t.number)
+                        if r.fidelity in (fidelity, "") and (r.status == Status.OK or not ok_only)]
+        return out
+
+    def plot_path(self, trial_number: int, fidelity: str) -> Path:
+        return self.artifacts.plot_path(trial_number, fidelity)
+
+    # -- small persistent state --------------------------------------------------------------
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        return self.study.get_state(key, default)
+
+    def set_state(self, key: str, value: Any) -> None:
+        """Persist a small JSON value (non-finite floats become null) in the study's user attrs."""
+        self.study.set_state(key, value)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _refresh_note(self, commit: str) -> None:
+        lines = [f"speedsearch: {self.history.message(commit).splitlines()[0]}"]
+        for t in self.trials():
+            if t.commit != commit or t.state == "running":
+                continue
+            head = f"trial {t.number} [{t.fidelity}] {t.state}"
+            head += f" value={t.value:.6g}" if t.value is not None else ""
+            head += f" proposer={t.proposer}" + (f" model={t.model}" if t.model else "")
+            lines.append(head + (f": {t.reason[:200]}" if t.state != "complete" and t.reason else ""))
+            for r in t.runs:
+                loss = r.get("val_loss")
+                ms = r.get("train_ms")
+                lines.append(f"  seed {r.get('seed')} {r.get('status')}"
+                             + (f" val_loss={loss:.4f}" if loss is not None else "")
+                             + (f" train_ms={ms:.0f}" if ms is not None else ""))
+        self.history.set_note(commit, "\n".join(lines) + "\n")
+
+    def _plot(self, t: TrialRecord) -> None:
+        try:
+            mine = [r for r in self.runs(t.number) if r.fidelity in (t.fidelity, "")]
+            base = [] if t.proposer == BASELINE else self.baseline(t.fidelity)
+            plot_loss_curves(mine, base, self.plot_path(t.number, t.fidelity),
+                             title=f"trial {t.number} [{t.fidelity}]: {t.title}")
+        except Exception as e:  # a plot must never cost a result
+            log.warning("trial %s: loss plot failed: %s", t.number, e)
+
+
+def _sqlite_url(d: Path) -> str:
+    return f"sqlite:///{d / STUDY_FILE}"
+
+
+def _alive(pid: Any, since: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        proc = psutil.Process(pid)
+        # A newer process under a recycled pid is not the controller that started the trial.
+        return proc.create_time() <= float(since or math.inf) + 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+# -- search.toml: a small TOML writer (tomllib reads; the standard library has no writer) -----
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """`data` as TOML. None values are left out (TOML has no null); paths and enums are strings."""
+    lines: list[str] = []
+    _table(data, [], lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _table(data: dict[str, Any], path: list[str], lines: list[str]) -> None:
+    subtables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    if path:
+        lines += ["", "[" + ".".join(_key(p) for p in path) + "]"]
+    for k, v in data.items():
+        if v is not None and k not in subtables:
+            lines.append(f"{_key(k)} = {_value(v)}")
+    for k, v in subtables.items():
+        _table(v, [*path, str(k)], lines)
+
+
+def _key(k: Any) -> str:
+    k = str(k)
+    return k if _BARE_KEY.match(k) else json.dumps(k, ensure_ascii=False)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items() if x is not None) + "}"
+    if isinstance(v, (list, tuple)):
+        if any(x is None for x in v):
+            raise ValueError(f"TOML arrays cannot hold None: {v!r}")
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if hasattr(v, "value") and not isinstance(v, str):  # enums
+        return _value(v.value)
+    # JSON's string escapes are all valid in TOML basic strings.
+    return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML bans a raw DEL
+
+
+__all__ = ["RunsDB", "SearchExistsError", "StudyError", "TrialRecord", "BASELINE"]

@@ -1,0 +1,76 @@
+"""Loss curves of a candidate against the baseline, as a PNG.
+
+Uses matplotlib's Agg canvas directly (no pyplot), so it never touches the global backend and
+works on headless workers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from env.result import RunResult
+
+CANDIDATE_COLOR, BASELINE_COLOR = "tab:red", "tab:gray"
+
+
+def _points(result: RunResult) -> tuple[list[float], list[float], list[float]]:
+    pts = [p for p in result.curve if math.isfinite(p.val_loss)]
+    return [p.step for p in pts], [p.train_ms / 1000.0 for p in pts], [p.val_loss for p in pts]
+
+
+def plot_loss_curves(candidate: Sequence[RunResult], baseline: Sequence[RunResult], path: Path,
+                     title: str = "", target_loss: float | None = None) -> Path | None:
+    """Validation loss against step and against training time, one line per seed.
+
+    Returns the PNG's path, or None when no run has a curve to draw.
+    """
+    groups = [(candidate, CANDIDATE_COLOR, "candidate"), (baseline, BASELINE_COLOR, "baseline")]
+    if not any(r.curve for runs, _, _ in groups for r in runs):
+        return None
+    fig = Figure(figsize=(11, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    by_step, by_time = fig.subplots(1, 2)
+    for runs, color, label in groups:
+        for i, r in enumerate(runs):
+            steps, secs, losses = _points(r)
+            if not losses:
+                continue
+            kw = {"color": color, "alpha": 0.8 if label == "candidate" else 0.55, "linewidth": 1.2,
+                  "label": f"{label} ({len(runs)} seed{'s' if len(runs) != 1 else ''})" if i == 0 else None}
+            by_step.plot(steps, losses, **kw)
+            by_time.plot(secs, losses, **kw)
+    for ax, xlabel in ((by_step, "step"), (by_time, "training time (s)")):
+        if target_loss is not None and math.isfinite(target_loss):
+            ax.axhline(target_loss, color="black", linestyle="--", linewidth=0.8, label="target")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val loss")
+        ax.grid(alpha=0.3)
+        _zoom(ax, [r for runs, _, _ in groups for r in runs], target_loss)
+    by_step.legend(loc="upper right", fontsize=8)
+    if title:
+        fig.suptitle(title[:120], fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _zoom(ax, runs: Sequence[RunResult], target_loss: float | None) -> None:
+    """Keep the interesting part: the first points of a curve dwarf its end, so the top is the
+    highest loss seen a tenth of the way into any run."""
+    curves = [[p.val_loss for p in r.curve if math.isfinite(p.val_loss)] for r in runs]
+    curves = [c for c in curves if c]
+    if not curves:
+        return
+    low = min(min(c) for c in curves)
+    if target_loss is not None and math.isfinite(target_loss):
+        low = min(low, target_loss)
+    high = max(c[min(len(c) - 1, len(c) // 10)] for c in curves)
+    span = max(high - low, 1e-3)
+    ax.set_ylim(low - 0.05 * span, high + 0.05 * span)

@@ -1,0 +1,224 @@
+"""Study: the Optuna side of the runs database, one trial per candidate evaluation.
+
+Only plain JSON goes into user attrs (no NaN, no objects) so `optuna-dashboard` opens the
+storage as is. The study minimises: the objective is a time, a step count or a loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib.util
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from env.result import RunResult, Status
+
+# Keys RunsDB owns in every trial's user attrs; anything else a caller passes is kept as given.
+CORE_KEYS = ("commit", "parent", "proposer", "model", "title", "fidelity")
+STATE_PREFIX = "state:"  # study user attrs holding RunsDB.get_state/set_state values
+STATES = {"complete": TrialState.COMPLETE, "fail": TrialState.FAIL, "pruned": TrialState.PRUNED}
+
+
+class StudyError(RuntimeError):
+    """A study that cannot be created, found or updated; the message says which and why."""
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as plain JSON: non-finite floats become None, tuples lists, paths and enums strings."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, enum.Enum):
+        return jsonable(value.value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value))
+    if hasattr(value, "item"):  # numpy scalars
+        return jsonable(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One evaluation of one candidate at one fidelity, as the search loop sees it."""
+
+    number: int
+    commit: str
+    parent: str | None
+    proposer: str
+    model: str | None
+    title: str
+    state: str  # "running" | "complete" | "fail" | "pruned" | "waiting"
+    value: float | None
+    fidelity: str
+    attrs: dict[str, Any] = field(default_factory=dict)  # every user attr, the core keys included
+
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        """The per-seed summaries: seed, status, val_loss, train_ms, steps, wall_s, reason."""
+        return list(self.attrs.get("runs", []))
+
+    @property
+    def reason(self) -> str:
+        return str(self.attrs.get("fail_reason", ""))
+
+    @classmethod
+    def from_frozen(cls, t: FrozenTrial) -> TrialRecord:
+        a = t.user_attrs
+        return cls(
+            number=t.number,
+            commit=a.get("commit", ""),
+            parent=a.get("parent"),
+            proposer=a.get("proposer", ""),
+            model=a.get("model"),
+            title=a.get("title", ""),
+            state=t.state.name.lower(),
+            value=t.value if t.state == TrialState.COMPLETE else None,
+            fidelity=a.get("fidelity", ""),
+            attrs=dict(a),
+        )
+
+
+class Study:
+    """One Optuna study in an RDB storage (a SQLite file or a PostgreSQL database)."""
+
+    def __init__(self, storage_url: str, name: str, *, create: bool = False):
+        self.url, self.name = storage_url, name
+        try:
+            self.storage = optuna.storages.RDBStorage(driver_url(storage_url))
+        except Exception as e:  # sqlalchemy and driver errors: say which storage
+            raise StudyError(f"storage {_redact(storage_url)}: cannot open: {e}") from e
+        try:
+            if create:
+                self.study = optuna.create_study(storage=self.storage, study_name=name, direction="minimize")
+            else:
+                self.study = optuna.load_study(study_name=name, storage=self.storage)
+        except optuna.exceptions.DuplicatedStudyError:
+            self.close()
+            raise StudyError(f"study {name!r} already exists in {_redact(storage_url)}; "
+                             "set another study_name or resume that search") from None
+        except KeyError:
+            self.close()
+            raise StudyError(f"study {name!r} not found in {_redact(storage_url)}") from None
+        self._id = self.study._study_id
+
+    def close(self) -> None:
+        self.storage.remove_session()
+        self.storage.engine.dispose()
+
+    def delete(self) -> None:
+        optuna.delete_study(study_name=self.name, storage=self.storage)
+
+    # -- trials ------------------------------------------------------------------------------
+
+    def ask(self, attrs: dict[str, Any], params: dict[str, Any] | None = None,
+            distributions: dict[str, BaseDistribution] | None = None) -> int:
+        """A new RUNNING trial with `attrs` as user attrs; `params` (knob values) are recorded
+        against `distributions` so the dashboard and samplers see them."""
+        trial = self.study.ask()
+        tid = trial._trial_id
+        for name, value in (params or {}).items():
+            if not distributions or name not in distributions:
+                raise StudyError(f"param {name!r}: no distribution given")
+            dist = distributions[name]
+            self.storage.set_trial_param(tid, name, dist.to_internal_repr(value), dist)
+        self._set_attrs(tid, attrs)
+        return trial.number
+
+    def set_attrs(self, number: int, attrs: dict[str, Any]) -> None:
+        self._set_attrs(self._trial_id(number), attrs)
+
+    def tell(self, number: int, value: float | None, state: str) -> None:
+        if state not in STATES:
+            raise StudyError(f"state {state!r}: use one of {', '.join(STATES)}")
+        values = value if state == "complete" else None
+        try:
+            self.study.tell(number, values, state=STATES[state])
+        except (ValueError, RuntimeError) as e:  # e.g. the trial is already finished
+            raise StudyError(f"trial {number}: cannot finish as {state}: {e}") from e
+
+    def trial(self, number: int) -> FrozenTrial:
+        return self.storage.get_trial(self._trial_id(number))
+
+    def trials(self) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False)
+
+    # -- study-level state -------------------------------------------------------------------
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        attrs = self.storage.get_study_user_attrs(self._id)
+        return attrs.get(STATE_PREFIX + key, default)
+
+    def set_state(self, key: str, value: Any) -> None:
+        clean = jsonable(value)
+        json.dumps(clean)
+        self.storage.set_study_user_attr(self._id, STATE_PREFIX + key, clean)
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self.storage.set_study_user_attr(self._id, key, jsonable(value))
+
+    @property
+    def user_attrs(self) -> dict[str, Any]:
+        return self.storage.get_study_user_attrs(self._id)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _trial_id(self, number: int) -> int:
+        try:
+            return self.storage.get_trial_id_from_study_id_trial_number(self._id, number)
+        except KeyError:
+            raise StudyError(f"trial {number}: not in study {self.name!r}") from None
+
+    def _set_attrs(self, tid: int, attrs: dict[str, Any]) -> None:
+        for key, value in attrs.items():
+            self.storage.set_trial_user_attr(tid, str(key), jsonable(value))
+
+
+def summarise_runs(results: list[RunResult]) -> dict[str, Any]:
+    """Per-seed results, small enough for user attrs: final loss and time, status, reason."""
+    runs = []
+    for r in sorted(results, key=lambda r: r.seed):
+        f = r.final
+        runs.append({"seed": r.seed, "status": r.status.value, "fidelity": r.fidelity,
+                     "val_loss": f.val_loss if f else None, "train_ms": f.train_ms if f else None,
+                     "steps": f.step if f else None, "wall_s": r.wall_s, "reason": r.reason[:300]})
+    ok = [x for x in runs if x["status"] == Status.OK.value and x["val_loss"] is not None]
+    out: dict[str, Any] = {"runs": runs, "seeds": [x["seed"] for x in runs], "n_ok": len(ok)}
+    if ok:
+        out["mean_val_loss"] = sum(x["val_loss"] for x in ok) / len(ok)
+        out["mean_train_ms"] = sum(x["train_ms"] for x in ok) / len(ok)
+    return out
+
+
+def driver_url(url: str) -> str:
+    """`url` with a PostgreSQL driver that is installed: SQLAlchemy 2.1 reads a bare
+    postgresql:// as psycopg 3, while psycopg2-binary is what most installs have."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return f"postgresql://{rest}"
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}" if ":" in cred else url
+    return url
