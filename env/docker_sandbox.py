@@ -154,7 +154,8 @@ class DockerSandbox:
             image=self.image, command=["/bin/sh", "-c", request.command], user=self._user(request),
             working_dir=workdir, environment=env, labels={LABEL: "1", RUN_ID_LABEL: run_id},
             name=f"speedsearch-{run_id}", network_mode="none", read_only=True,
-            tmpfs={"/tmp": f"rw,nosuid,nodev,size={self.tmpfs_mb}m,mode=1777"}, volumes=volumes,
+            # exec: inductor and Triton load the kernels they compile from their caches, /tmp by default.
+            tmpfs={"/tmp": f"rw,exec,nosuid,nodev,size={self.tmpfs_mb}m,mode=1777"}, volumes=volumes,
             security_opt=["no-new-privileges"], cap_drop=["ALL"], pids_limit=self.pids_limit,
             mem_limit=f"{limits.memory_mb}m", memswap_limit=f"{limits.memory_mb}m",
             nano_cpus=int(limits.cpus * 1e9), shm_size=f"{self.shm_mb or max(64, limits.memory_mb // 4)}m",
@@ -166,13 +167,22 @@ class DockerSandbox:
                                                                     capabilities=[["gpu"]])]
         return config
 
+    def _create(self, request: SandboxRequest, run_id: str):
+        import docker
+
+        try:
+            return self.client.containers.create(**self._config(request, run_id))
+        except docker.errors.ImageNotFound:  # removed since we checked (a daemon reset, a prune)
+            self._assembled = None
+            return self.client.containers.create(**self._config(request, run_id))
+
     def run(self, request: SandboxRequest, on_line: LineCallback | None = None,
             cancel: threading.Event | None = None) -> SandboxOutcome:
         t0 = time.monotonic()
         run_id = uuid.uuid4().hex[:12]
         log_path = Path(request.log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        container = self.client.containers.create(**self._config(request, run_id))
+        container = self._create(request, run_id)
         state = {"killed": None, "detail": ""}
         lock, done = threading.Lock(), threading.Event()
         probe = _MemoryProbe(container.id)

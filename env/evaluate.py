@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import threading
@@ -113,7 +114,8 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         return False
 
     request = SandboxRequest(
-        command=command, workdir=workdir, log_path=log_path, env={**target.env, **env},
+        command=command, workdir=workdir, log_path=log_path,
+        env={**{k: os.environ[k] for k in target.passthrough_env if k in os.environ}, **target.env, **env},
         limits=Limits(timeout_s=target.resources.timeout_s, memory_mb=target.resources.memory_mb,
                       cpus=target.resources.cpus, gpu_ids=spec.gpu_ids),
         data=data, cache_dir=cache_dir)

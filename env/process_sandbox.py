@@ -16,19 +16,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from env.sandbox import LineCallback, Limits, SandboxOutcome, SandboxRequest
+from env.sandbox import Limits, LineCallback, SandboxOutcome, SandboxRequest
 
 SCRATCH_DIRNAME = ".sandbox"  # inside the workdir: home/ and tmp/ of the run
 # Safety switches for NCCL/torch on machines where NVLink multicast misbehaves: the operator sets
 # them for every job, so they must reach candidates unchanged.
-PASSTHROUGH_VARS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+# NVLink multicast stays off on shared hosts; CUDA's library paths are configuration, not secrets.
+PASSTHROUGH_VARS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
+                    "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH")
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 MAX_LINE_BYTES = 1 << 20  # a line longer than this reaches on_line in pieces
-_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def sandbox_env(request: SandboxRequest, home: str, tmp: str) -> dict[str, str]:
     """The environment a candidate sees, built from scratch (an allow-list, never os.environ).
+
+    CPUs: `limits.cpus` sizes the thread pools (OpenMP, MKL, inductor's compile workers).
 
     GPUs: `limits.gpu_ids` is the whole truth. Empty means "no GPU" (CUDA_VISIBLE_DEVICES=""), as in
     the Docker sandbox, which exposes no device then; a caller that really wants the host's view
@@ -47,6 +50,9 @@ def sandbox_env(request: SandboxRequest, home: str, tmp: str) -> dict[str, str]:
         "TMPDIR": tmp,
         "OMP_NUM_THREADS": str(limits.cpus),
         "MKL_NUM_THREADS": str(limits.cpus),
+        # Inductor's default is a pool of cpu_count() compile workers, each ~300 MB of private memory:
+        # 5 GB on a 16-core host for one torch.compile, far past a 4 GB run.
+        "TORCHINDUCTOR_COMPILE_THREADS": str(limits.cpus),
         "CUDA_VISIBLE_DEVICES": ",".join(limits.gpu_ids),
         "PYTHONUNBUFFERED": "1",
     }
@@ -71,12 +77,11 @@ class _Proc:
     pgrp: int
     session: int
     start: int  # clock ticks after boot: with the pid, an identity that survives pid reuse
-    rss_pages: int
     zombie: bool
 
 
 def _scan_procs() -> dict[int, _Proc]:
-    """One pass over /proc/*/stat: parents, groups, sessions and RSS at once (cheaper than psutil's
+    """One pass over /proc/*/stat: parents, groups and sessions at once (cheaper than psutil's
     per-process calls, and enough to find group members that were re-parented away from the tree)."""
     procs: dict[int, _Proc] = {}
     for name in os.listdir("/proc"):
@@ -86,11 +91,26 @@ def _scan_procs() -> dict[int, _Proc]:
             with open(f"/proc/{name}/stat", "rb") as f:
                 data = f.read()
             f = data[data.rindex(b")") + 2:].split()
-            procs[int(name)] = _Proc(int(name), int(f[1]), int(f[2]), int(f[3]), int(f[19]), int(f[21]),
-                                     f[0] in (b"Z", b"X"))
+            procs[int(name)] = _Proc(int(name), int(f[1]), int(f[2]), int(f[3]), int(f[19]), f[0] in (b"Z", b"X"))
         except (OSError, ValueError, IndexError):
             continue
     return procs
+
+
+def _private_mb(pid: int) -> float:
+    """Resident anonymous and shared-memory pages of one process. Not the whole RSS: file pages (the
+    torch and CUDA libraries) are shared by every process of the run and reclaimable, and counting
+    them once per process made a torch.compile run on a GPU (a pool of compile workers, each mapping
+    libtorch) look like 7 GB."""
+    kb = 0
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith((b"RssAnon:", b"RssShmem:")):
+                    kb += int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return kb / 1024
 
 
 class _Tree:
@@ -180,8 +200,7 @@ class _Watch:
 
     def sample(self) -> list[_Proc]:
         members = self.tree.members()
-        rss_mb = sum(p.rss_pages for p in members) * _PAGE_MB
-        self.peak_mb = max(self.peak_mb, rss_mb)
+        self.peak_mb = max(self.peak_mb, sum(_private_mb(p.pid) for p in members if not p.zombie))
         return members
 
     def watch(self) -> None:
@@ -209,8 +228,9 @@ class ProcessSandbox:
 
     - an allow-listed environment (`sandbox_env`), HOME and TMPDIR in `<workdir>/.sandbox/`;
     - RLIMIT_CORE=0 and a generous RLIMIT_CPU (no address-space limit: it breaks CUDA);
-    - memory: the summed RSS of the whole tree, sampled every `interval_s`, against `memory_mb`
-      (also the reported peak, so a run shorter than one interval reports about 0);
+    - memory: the summed anonymous + shared-memory RSS of the whole tree (`_private_mb`), sampled
+      every `interval_s`, against `memory_mb` (also the reported peak, so a run shorter than one
+      interval reports about 0);
     - timeout, `cancel` and `on_line` returning True: SIGTERM to everything, `grace_s`, SIGKILL.
 
     stdout and stderr are merged, written to `log_path` as they come and passed to `on_line` line by

@@ -45,13 +45,16 @@ class Artifacts:
     def has_run(self, number: int, result: RunResult) -> bool:
         return self.run_stem(number, result.seed, result.fidelity).with_suffix(".json").is_file()
 
-    def save_run(self, number: int, result: RunResult) -> Path:
-        """Copy the run's log and write its JSON; returns the JSON's path. Saving again replaces."""
+    def save_run(self, number: int, result: RunResult, log_text: str | None = None) -> Path:
+        """Copy the run's log (`log_text`, else `result.log`) and write its JSON; returns the
+        JSON's path. Saving again replaces."""
         stem = self.run_stem(number, result.seed, result.fidelity)
         stem.parent.mkdir(parents=True, exist_ok=True)
         log_dst = stem.with_suffix(".log")
-        src = _log_source(result.log)
-        if src is not None:
+        src = None if log_text is not None else _log_source(result.log)
+        if log_text is not None:
+            log_dst.write_text(log_text, encoding="utf-8", errors="replace")
+        elif src is not None:
             if src.resolve() != log_dst.resolve():
                 shutil.copyfile(src, log_dst)
         elif result.log or not log_dst.exists():
@@ -65,12 +68,14 @@ class Artifacts:
         return json_path
 
     def runs(self, number: int) -> list[RunResult]:
-        """The saved runs of trial `number`, by seed; each `log` is the absolute path of its copy."""
+        """The saved runs of trial `number`, by seed; each `log` is the absolute path of its copy
+        and `provenance["trial"]` the trial number."""
         out = []
         for path in sorted(self.trial_dir(number).glob("seed-*.json")):
             data = json.loads(path.read_text())
             data["curve"] = [p for p in data.get("curve", []) if p[1] is not None]
             result = RunResult.from_dict(data)
             result.log = str(path.parent / data.get("log", path.with_suffix(".log").name))
+            result.provenance.setdefault("trial", number)
             out.append(result)
         return sorted(out, key=lambda r: (r.fidelity, r.seed))

@@ -28,9 +28,8 @@ from optuna.distributions import BaseDistribution
 
 from env.result import RunResult, Status
 from runs_db.artifacts import Artifacts
-from runs_db.history import History, snapshot
-from runs_db.plots import plot_loss_curves
-from runs_db.study import Study, StudyError, TrialRecord, summarise_runs
+from runs_db.history import Candidate, History, snapshot
+from runs_db.study import Study, StudyError, TrialRecord, driver_url, summarise_runs
 from search_space.target import Target
 
 log = logging.getLogger(__name__)
@@ -56,6 +55,8 @@ class RunsDB:
         self._owner = {"host": socket.gethostname(), "pid": os.getpid(), "session": uuid.uuid4().hex,
                        "since": time.time()}
         self._closed = False
+        # Drawing costs about half a second a trial; `plots = false` in the settings skips it.
+        self.auto_plot = bool(settings.get("plots", True))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -137,7 +138,9 @@ class RunsDB:
 
     @property
     def storage_url(self) -> str:
-        return self.study.url
+        """The study's storage URL, with an installed PostgreSQL driver named: usable as is by
+        optuna.create_study and optuna-dashboard."""
+        return driver_url(self.study.url)
 
     @property
     def study_name(self) -> str:
@@ -184,7 +187,14 @@ class RunsDB:
         trailers = f"Proposer: {proposer}" + (f"\nModel: {model}" if model else "")
         body = rationale.strip()
         message = f"{title}\n\n{body}\n\n{trailers}\n" if body else f"{title}\n\n{trailers}\n"
-        return self.history.commit(parent, changes, message, title)
+        commit, created = self.history.commit(parent, changes, message, title)
+        if not created:
+            log.info("%r: same tree as candidate %s; reusing it", title, commit[:12])
+        return commit, created
+
+    def candidates(self) -> list[Candidate]:
+        """Every candidate but the base, oldest first: (commit, parent, title, proposer)."""
+        return self.history.candidate_list()
 
     def create_branch(self, name: str, commit: str) -> str:
         return self.history.create_branch(name, commit)
@@ -209,10 +219,12 @@ class RunsDB:
                      attrs: dict[str, Any] | None = None, state: str | None = None) -> None:
         """Record how trial `number` ended.
 
-        state: "complete" (needs a finite value), "fail" or "pruned"; default complete when a
-        value is given, fail otherwise. A non-finite value turns into FAIL with the reason in
-        the `fail_reason` attr. Unsaved runs are saved; per-seed summaries go in the `runs`
-        attr; the commit's git note and the trial's loss plot are refreshed.
+        state: "complete" (needs a value), "fail" or "pruned"; default complete when a value is
+        given, fail otherwise. NaN (Optuna refuses it) turns into FAIL with the reason in the
+        `fail_reason` attr; +-inf is kept (Optuna and the dashboard take it). A failure's reason
+        is attrs["fail_reason"] or attrs["reason"] or the first failed run's. Unsaved runs are
+        saved; per-seed summaries go in the `runs` attr; the commit's git note and (unless
+        settings say `plots = false`) the trial's loss plot are refreshed.
         """
         if self.study.trial(number).state.is_finished():
             raise StudyError(f"trial {number}: already finished")
@@ -220,29 +232,35 @@ class RunsDB:
         state = state or ("complete" if value is not None else "fail")
         if state == "complete" and value is None:
             raise ValueError(f"trial {number}: state complete needs a value")
-        if value is not None and not math.isfinite(value):
-            attrs.setdefault("fail_reason", f"objective is not finite ({value})")
-            attrs["objective"], value, state = str(value), None, "fail"
+        if value is not None and math.isnan(value):
+            attrs.setdefault("fail_reason", "objective is not a number (nan)")
+            attrs["objective"], value, state = "nan", None, "fail"
         elif value is not None:
-            attrs["objective"] = value
+            attrs["objective"] = value if math.isfinite(value) else str(value)
         for r in results:
             if not self.artifacts.has_run(number, r):
                 self.artifacts.save_run(number, r)
         attrs.update(summarise_runs(results))
         if state == "fail" and not attrs.get("fail_reason"):
             bad = [r for r in results if r.status != Status.OK]
-            attrs["fail_reason"] = bad[0].reason if bad else "failed"
+            attrs["fail_reason"] = attrs.get("reason") or (bad[0].reason if bad else "") or "failed"
         self.study.set_attrs(number, attrs)
         self.study.tell(number, value, state)
         record = self.trial(number)
         self._refresh_note(record.commit)
-        self._plot(record)
+        if self.auto_plot:
+            self.plot(number)
 
-    def mark_failed(self, number: int, reason: str) -> None:
-        """End a trial that will never finish (e.g. its controller died) as FAIL with `reason`."""
-        self.study.set_attrs(number, {"fail_reason": reason})
+    def mark_failed(self, number: int, reason: str) -> bool:
+        """End a trial that will never finish (e.g. its controller died) as FAIL; `reason` goes in
+        both the `fail_reason` and `reason` attrs. False (and nothing changes) when the trial
+        had already finished, so cleanup paths may call it blindly."""
+        if self.study.trial(number).state.is_finished():
+            return False
+        self.study.set_attrs(number, {"fail_reason": reason, "reason": reason})
         self.study.tell(number, None, "fail")
         self._refresh_note(self.trial(number).commit)
+        return True
 
     def trial(self, number: int) -> TrialRecord:
         return TrialRecord.from_frozen(self.study.trial(number))
@@ -277,25 +295,47 @@ class RunsDB:
 
     # -- runs (artifacts) --------------------------------------------------------------------
 
-    def save_run(self, trial_number: int, result: RunResult) -> Path:
-        """Copy the run's log into D/artifacts/trial-<n>/ and write its JSON; returns the JSON path."""
-        return self.artifacts.save_run(trial_number, result)
+    def save_run(self, trial_number: int, result: RunResult, log_text: str | None = None) -> Path:
+        """Copy the run's log into D/artifacts/trial-<n>/ and write its JSON; returns the JSON path.
+
+        The log is `log_text` when given, else `result.log` (a log file's path, or the text)."""
+        return self.artifacts.save_run(trial_number, result, log_text)
 
     def runs(self, trial_number: int) -> list[RunResult]:
         return self.artifacts.runs(trial_number)
 
     def baseline(self, fidelity: str, ok_only: bool = True) -> list[RunResult]:
-        """The saved runs at `fidelity` of every trial whose proposer is "baseline" (OK ones only
-        unless ok_only=False), running trials included so interleaved seeds count at once."""
+        """The saved runs at `fidelity` (the runs' own fidelity) of every trial whose proposer is
+        "baseline", OK ones only unless ok_only=False; running trials count, so interleaved
+        seeds are there at once."""
         out = []
         for t in self.trials():
-            if t.proposer == BASELINE and t.fidelity == fidelity:
-                out += [r for r in self.runs(t.number)
-                        if r.fidelity in (fidelity, "") and (r.status == Status.OK or not ok_only)]
+            if t.proposer == BASELINE:
+                out += [r for r in self.runs(t.number) if (r.fidelity or t.fidelity) == fidelity
+                        and (r.status == Status.OK or not ok_only)]
         return out
 
     def plot_path(self, trial_number: int, fidelity: str) -> Path:
         return self.artifacts.plot_path(trial_number, fidelity)
+
+    def plot(self, trial_number: int) -> Path | None:
+        """Draw the trial's loss curves against the baseline's (PNG in its artifacts folder).
+
+        Returns the path, or None when there is nothing to draw or drawing failed (logged):
+        a plot must never cost a result.
+        """
+        t = self.trial(trial_number)
+        try:
+            from runs_db.plots import plot_loss_curves  # matplotlib loads only when drawing
+
+            mine = self.runs(t.number)  # a rung (e.g. confirm) may run at another fidelity's steps
+            fidelity = next((r.fidelity for r in mine if r.fidelity), t.fidelity)
+            base = [] if t.proposer == BASELINE else self.baseline(fidelity)
+            return plot_loss_curves(mine, base, self.plot_path(t.number, t.fidelity),
+                                    title=f"trial {t.number} [{t.fidelity}]: {t.title}")
+        except Exception as e:
+            log.warning("trial %s: loss plot failed: %s", t.number, e)
+            return None
 
     # -- small persistent state --------------------------------------------------------------
 
@@ -311,28 +351,9 @@ class RunsDB:
     def _refresh_note(self, commit: str) -> None:
         lines = [f"speedsearch: {self.history.message(commit).splitlines()[0]}"]
         for t in self.trials():
-            if t.commit != commit or t.state == "running":
-                continue
-            head = f"trial {t.number} [{t.fidelity}] {t.state}"
-            head += f" value={t.value:.6g}" if t.value is not None else ""
-            head += f" proposer={t.proposer}" + (f" model={t.model}" if t.model else "")
-            lines.append(head + (f": {t.reason[:200]}" if t.state != "complete" and t.reason else ""))
-            for r in t.runs:
-                loss = r.get("val_loss")
-                ms = r.get("train_ms")
-                lines.append(f"  seed {r.get('seed')} {r.get('status')}"
-                             + (f" val_loss={loss:.4f}" if loss is not None else "")
-                             + (f" train_ms={ms:.0f}" if ms is not None else ""))
+            if t.commit == commit and t.state != "running":
+                lines += t.note_lines()
         self.history.set_note(commit, "\n".join(lines) + "\n")
-
-    def _plot(self, t: TrialRecord) -> None:
-        try:
-            mine = [r for r in self.runs(t.number) if r.fidelity in (t.fidelity, "")]
-            base = [] if t.proposer == BASELINE else self.baseline(t.fidelity)
-            plot_loss_curves(mine, base, self.plot_path(t.number, t.fidelity),
-                             title=f"trial {t.number} [{t.fidelity}]: {t.title}")
-        except Exception as e:  # a plot must never cost a result
-            log.warning("trial %s: loss plot failed: %s", t.number, e)
 
 
 def _sqlite_url(d: Path) -> str:
@@ -397,4 +418,4 @@ def _value(v: Any) -> str:
     return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML bans a raw DEL
 
 
-__all__ = ["RunsDB", "SearchExistsError", "StudyError", "TrialRecord", "BASELINE"]
+__all__ = ["BASELINE", "Candidate", "RunsDB", "SearchExistsError", "StudyError", "TrialRecord"]

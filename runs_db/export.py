@@ -138,7 +138,6 @@ def _candidate_runs(db: RunsDB, commit: str) -> tuple[str, list[RunResult]]:
         if t.commit == commit and t.state != "running":
             for r in db.runs(t.number):
                 if r.status == Status.OK and r.final and math.isfinite(r.final.val_loss):
-                    r.provenance = {**r.provenance, "trial": t.number}
                     by_fidelity.setdefault(r.fidelity or t.fidelity, []).append(r)
     if not by_fidelity:
         raise ExportError(f"{commit[:12]}: no successful runs to export")
@@ -161,7 +160,7 @@ def _copy_logs(runs: list[RunResult], folder: Path) -> list[str]:
         src = Path(r.log)
         if r.log and src.is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            dst = folder / f"trial-{r.provenance.get('trial', 'x')}-seed-{r.seed}.txt"
+            dst = folder / f"trial-{r.provenance.get('trial')}-seed-{r.seed}.txt"
             shutil.copyfile(src, dst)
             names.append(dst.relative_to(folder.parent if folder.name == "baseline" else folder).as_posix())
     return names

@@ -29,7 +29,8 @@ def plot_loss_curves(candidate: Sequence[RunResult], baseline: Sequence[RunResul
 
     Returns the PNG's path, or None when no run has a curve to draw.
     """
-    groups = [(candidate, CANDIDATE_COLOR, "candidate"), (baseline, BASELINE_COLOR, "baseline")]
+    # The baseline first, so the candidate's lines are drawn on top.
+    groups = [(baseline, BASELINE_COLOR, "baseline"), (candidate, CANDIDATE_COLOR, "candidate")]
     if not any(r.curve for runs, _, _ in groups for r in runs):
         return None
     fig = Figure(figsize=(11, 4.2), dpi=100)

@@ -101,3 +101,14 @@ def dockerd(tmp_path_factory):
             except _dk_subprocess.TimeoutExpired:
                 proc.kill()
 # ==== end of env docker section ===============================================================
+
+
+# ==== env/agent: a local Ray cluster with logical GPUs, shared by the pool and loop tests ============
+@_rdb_pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster: 4 CPUs and 4 logical GPUs (there is no real GPU here)."""
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

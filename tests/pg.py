@@ -31,7 +31,7 @@ class PgUnavailable(RuntimeError):
 def find_bin() -> Path | None:
     candidates = [os.environ.get(ENV_BIN, "")]
     which = shutil.which("initdb")
-    candidates += [str(Path(which).parent) if which else ""]
+    candidates += [str(Path(which).resolve().parent) if which else ""]  # the real folder, not a link
     candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
     candidates += sorted(glob.glob("/usr/pgsql-*/bin"), reverse=True)
     for c in candidates:

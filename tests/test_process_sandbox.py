@@ -76,7 +76,9 @@ def test_environment_is_an_allow_list(sandbox, tmp_path, monkeypatch):
     assert env["MY_KNOB"] == "7" and env["NCCL_NVLS_ENABLE"] == "0"
     assert env["OMP_NUM_THREADS"] == "3" and env["CUDA_VISIBLE_DEVICES"] == "1,3"
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "inductor")
+    assert env["TORCHINDUCTOR_COMPILE_THREADS"] == "3"
     allowed = {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+               "TORCHINDUCTOR_COMPILE_THREADS",
                "CUDA_VISIBLE_DEVICES", "PYTHONUNBUFFERED", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
                "NCCL_NVLS_ENABLE", "MY_KNOB", "EXE", "PWD", "SHLVL", "_"}
     assert set(env) <= allowed

@@ -60,8 +60,8 @@ def run_result(seed: int, final_loss: float, train_ms: float, fidelity: str = "f
 @pytest.fixture
 def db(tmp_path, storage_url, study_name):
     target = make_target(tmp_path)
-    with RunsDB.create(tmp_path / "search", {"study_name": study_name, "workers": 2}, target,
-                       storage=storage_url) as d:
+    with RunsDB.create(tmp_path / "search", {"study_name": study_name, "workers": 2, "plots": False},
+                       target, storage=storage_url) as d:
         yield d
 
 
@@ -118,6 +118,7 @@ def test_commits_parentage_messages_and_diffs(db):
     c2, new2 = db.commit_candidate(c1, {"extra.py": "X = 1\n", "run.sh": None}, "Add extra", "", "ideas")
     assert new2 and db.history.parent(c2) == c1 and db.lineage(c2) == [c2, c1, base]
     assert db.ls(c2) == ["extra.py", "train.py"]
+    assert db.candidates() == [(c1, base, "Raise LR", "llm"), (c2, c1, "Add extra", "ideas")]
     msg = db.message(c1)
     assert msg.startswith("Raise LR\n\nA higher LR converges faster.\n") and "Proposer: llm" in msg
     assert "Model: claude-x" in msg
@@ -178,7 +179,10 @@ def test_trials_round_trip(db):
 
     nan = db.start_trial(c, base, "llm", "Raise LR", "smoke")
     db.finish_trial(nan, float("nan"), [run_result(0, 3.3, 100, "smoke")])
-    assert db.trial(nan).state == "fail" and "not finite" in db.trial(nan).reason
+    assert db.trial(nan).state == "fail" and "not a number" in db.trial(nan).reason
+    inf = db.start_trial(c, base, "llm", "Raise LR", "smoke")  # ran, but reached no target: kept
+    db.finish_trial(inf, math.inf, [run_result(0, 3.3, 100, "smoke")])
+    assert db.trial(inf).state == "complete" and db.trial(inf).value == math.inf
     failed = db.start_trial(c, base, "llm", "Raise LR", "smoke")
     db.finish_trial(failed, None, [run_result(0, 3.3, 100, "smoke", Status.FAILED, reason="CUDA OOM")])
     assert db.trial(failed).state == "fail" and db.trial(failed).reason == "CUDA OOM"
@@ -189,7 +193,7 @@ def test_trials_round_trip(db):
         db.finish_trial(pruned, 1.0, [])  # already finished
     with pytest.raises(ValueError):
         db.finish_trial(db.start_trial(c, base, "llm", "x", "full"), None, [], state="complete")
-    assert [t.state for t in db.trials()] == ["complete", "fail", "fail", "pruned", "running"]
+    assert [t.state for t in db.trials()] == ["complete", "fail", "complete", "fail", "pruned", "running"]
 
 
 def test_notes_tell_the_story(db):
@@ -239,7 +243,7 @@ def test_stale_running_trials(tmp_path, storage_url, study_name):
         for n in stale:
             db.mark_failed(n, "controller gone")
         assert db.stale_running() == [] and db.trial(mine).state == "fail"
-        assert db.trial(mine).reason == "controller gone"
+        assert db.trial(mine).reason == "controller gone" == db.trial(mine).attrs["reason"]
 
 
 def test_state_persists(tmp_path, storage_url, study_name):
@@ -255,6 +259,7 @@ def test_state_persists(tmp_path, storage_url, study_name):
 
 
 def test_artifacts_and_baseline(db, tmp_path):
+    db.auto_plot = True
     log_file = tmp_path / "run.log"
     log_file.write_text("step:10/10 val_loss:3.4 train_time:1000ms\n")
     b = db.start_trial(db.base_commit, None, "baseline", "baseline", "full")
@@ -274,6 +279,12 @@ def test_artifacts_and_baseline(db, tmp_path):
     plot = db.plot_path(n, "full")
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(db.runs(n)) == 2 and len(db.baseline("full")) == 2
+    # A rung named otherwise (confirm) whose runs are at the full fidelity is drawn against it.
+    conf = db.start_trial(c, None, "llm", "Tiny", "confirm")
+    db.save_run(conf, run_result(5, 3.38, 870), log_text="the log\n")
+    assert (db.artifacts.trial_dir(conf) / "seed-5-full.log").read_text() == "the log\n"
+    db.finish_trial(conf, 870.0, db.runs(conf))
+    assert db.plot_path(conf, "confirm").is_file() and len(db.baseline("full")) == 2
 
 
 def test_no_git_processes_left_after_close(tmp_path):
@@ -300,7 +311,7 @@ def test_optuna_dashboard_opens_the_storage(db):
     b = db.start_trial(db.base_commit, None, "baseline", "baseline", "full")
     db.finish_trial(b, 1000.0, [run_result(0, 3.4, 1000)], {"nan": float("nan")})
     db.start_trial(db.base_commit, None, "llm", "running one", "full")
-    app = optuna_dashboard.wsgi(driver_url(db.storage_url))
+    app = optuna_dashboard.wsgi(db.storage_url)
 
     def get(path: str) -> dict:
         environ: dict = {"PATH_INFO": path, "REQUEST_METHOD": "GET", "wsgi.input": BytesIO()}
@@ -310,7 +321,7 @@ def test_optuna_dashboard_opens_the_storage(db):
         assert status[0].startswith("200"), (status, body[:500])
         return json.loads(body)
 
-    studies = {s["study_name"]: s for s in get("/api/studies")["studies"]}
+    studies = {s["study_name"]: s for s in get("/api/studies")["study_summaries"]}
     assert db.study_name in studies
     detail = get(f"/api/studies/{studies[db.study_name]['study_id']}")
     assert [t["number"] for t in detail["trials"]] == [0, 1]
@@ -332,3 +343,9 @@ def test_postgres_url_gets_an_installed_driver():
     url = driver_url("postgresql://u:p@h:5432/db")
     assert url.endswith("://u:p@h:5432/db") and url.startswith("postgresql")
     assert driver_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_storage_url_is_usable_as_is(db):
+    other = optuna.create_study(storage=db.storage_url, study_name=db.study_name + "-knobs")
+    assert other.study_name.endswith("-knobs")
+    other._storage.remove_session()

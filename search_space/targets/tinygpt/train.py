@@ -150,7 +150,7 @@ def train_step(model, opts, next_batch, step, cfg):
 VOCAB_SIZE = 256  # bytes
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 RUNS = {  # frozen per preset: default steps, logging cadence, and the fixed validation set
-    "cpu": dict(steps=400, val_every=25, log_every=25, val_seq_len=128, val_seqs=128, val_batch=64),
+    "cpu": dict(steps=300, val_every=20, log_every=20, val_seq_len=128, val_seqs=128, val_batch=64),
     "gpu": dict(steps=1500, val_every=125, log_every=25, val_seq_len=1024, val_seqs=512, val_batch=64),
 }
 CUDA_WARMUP_STEPS = 3

@@ -1,0 +1,125 @@
+"""The whole search loop on CPU, on a local Ray cluster with logical GPUs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import git
+
+from agent.live import Live
+from agent.report import status_dict
+from agent.runner import build_proposers, open_search
+from agent.loop import Search
+from agent.settings import SearchSettings
+from env.pool import Pool
+from runs_db.db import RunsDB
+from tests.fake_anthropic import FakeAnthropic
+from tests.toy import make_toy
+
+
+def check_git_and_study_agree(d: Path) -> dict:
+    with RunsDB.open(d) as db:
+        trials = db.trials()
+        data = status_dict(db)
+        base = db.base_commit
+        with git.Repo(db.repo_path) as repo:
+            commits = {c.hexsha for c in repo.iter_commits("--all")}
+        candidates = {c for c, *_ in db.candidates()}
+    for t in trials:
+        assert t.commit in commits, f"trial {t.number}'s commit {t.commit} is not in git"
+    tried = {t.commit for t in trials}
+    assert candidates <= tried, f"candidate commits without a trial: {candidates - tried}"
+    assert base in tried
+    done = [(t.commit, t.fidelity, t.proposer) for t in trials if t.state == "complete"
+            and t.fidelity != "confirm"]
+    assert len(done) == len(set(done)), "a completed evaluation was counted twice"
+    return data
+
+
+def test_search_finds_the_real_improvement(ray_cluster, tmp_path: Path):
+    toy = make_toy(tmp_path / "toy", gpus=1, sleep=0.02, full=20, short=10)
+    settings = SearchSettings(target=str(toy.source), proposers=("ideas", "knobs"), seeds=2, max_seeds=4,
+                              budget_trials=14, workers=4)
+    db, settings = open_search(tmp_path / "search", settings)
+    with db:
+        pool = Pool(run_root=tmp_path / "runs")
+        summary = Search(db, toy, settings, pool, build_proposers(settings, toy, db), Live(enabled=False)).run()
+    assert summary.stopped_by in ("trials", "nothing left to propose")
+    assert summary.best_speedup > 1.2, summary
+    data = check_git_and_study_agree(tmp_path / "search")
+    assert set(data["baseline"]) == {"short", "full"}
+    assert data["best"] and data["best"]["speedup"] > 1.2
+    by_title = {t["title"]: t for t in data["trials"]}
+    crash = by_title.get("A change that crashes")
+    if crash:  # the policy may not have reached it within the budget
+        assert crash["state"] == "fail" and "boom" in crash["reason"]
+    assert {t["proposer"] for t in data["trials"]} >= {"baseline", "ideas"}
+    rungs = {t["fidelity"] for t in data["trials"] if t["proposer"] != "baseline"}
+    assert {"smoke", "short", "full"} <= rungs
+
+
+def test_llm_loop_records_usage_and_history(ray_cluster, tmp_path: Path, monkeypatch):
+    toy = make_toy(tmp_path / "toy", gpus=1, sleep=0.01)
+    with FakeAnthropic() as server:
+        for i in range(30):
+            rate = 1.5 + 0.25 * i
+            server.tool_use({"title": f"rate {rate}", "rationale": "faster decay",
+                             "edits": f"train.py\n<<<<<<< SEARCH\nSLEEP = 0.01\n=======\nSLEEP = 0.01\nRATE = {rate}\n"
+                                       ">>>>>>> REPLACE\n"})
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
+        settings = SearchSettings(target=str(toy.source), proposers=("llm",), seeds=2, budget_trials=6,
+                                  max_fidelity="short", workers=2)
+        db, settings = open_search(tmp_path / "search", settings)
+        with db:
+            pool = Pool(run_root=tmp_path / "runs")
+            summary = Search(db, toy, settings, pool, build_proposers(settings, toy, db), Live(enabled=False)).run()
+            trials = [t for t in db.trials() if t.proposer == "llm"]
+        assert trials and all(t.attrs.get("llm_dollars", 0) > 0 for t in trials if t.fidelity == "smoke")
+        assert summary.dollars > 0
+        prompts = [json.dumps(r.body) for r in server.requests]
+        assert any("rate 1.5" in p for p in prompts[2:]), "later prompts do not show earlier candidates"
+        assert all("sk-test" not in p for p in prompts)
+
+
+def launch(d: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "agent", "launch", "--dir", str(d), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def test_resume_after_sigkill(tmp_path: Path):
+    toy = make_toy(tmp_path / "toy", sleep=0.05, full=20, short=10)
+    d = tmp_path / "search"
+    proc = launch(d, "--target", str(toy.source), "--proposers", "ideas,knobs", "--seeds", "2",
+                  "--budget-trials", "12", "--workers", "2")
+    deadline = time.time() + 120
+    completed_before: dict[int, float] = {}
+    while time.time() < deadline:  # kill once some candidate trials have completed
+        time.sleep(1.0)
+        if (d / "study.db").exists():
+            with RunsDB.open(d) as db:
+                done = {t.number: t.value for t in db.trials() if t.state == "complete" and t.proposer != "baseline"}
+            if len(done) >= 3:
+                break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with RunsDB.open(d) as db:
+        completed_before = {t.number: (t.commit, t.fidelity, t.value) for t in db.trials() if t.state == "complete"}
+    assert len(completed_before) >= 3
+    out = subprocess.run([sys.executable, "-m", "agent", "launch", "--dir", str(d), "--resume"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with RunsDB.open(d) as db:
+        after = {t.number: (t.commit, t.fidelity, t.value) for t in db.trials() if t.state == "complete"}
+        running = [t for t in db.trials() if t.state == "running"]
+    for number, rec in completed_before.items():
+        assert after.get(number) == rec, f"completed trial {number} was lost or changed"
+    assert not running
+    check_git_and_study_agree(d)

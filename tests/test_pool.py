@@ -1,0 +1,60 @@
+"""The Ray pool: GPUs by the ids Ray assigned, concurrency, cancel reaching the sandbox."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psutil
+
+from env.evaluate import RunSpec
+from env.pool import Pool
+from env.result import Status
+from tests.toy import make_toy
+
+SHOW_GPUS = ('train.py\n<<<<<<< SEARCH\nMODE = "ok"\n=======\nMODE = "ok"\nimport os\n'
+             'print("VISIBLE=" + os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), flush=True)\n>>>>>>> REPLACE\n')
+
+
+def test_gpu_ids_reach_the_sandbox_and_runs_overlap(ray_cluster, tmp_path: Path):
+    toy = make_toy(tmp_path / "toy", gpus=1, sleep=0.05)
+    pool = Pool(run_root=tmp_path / "runs")
+    t0 = time.time()
+    refs = [pool.submit(RunSpec(toy, seed=s, fidelity="full", patch=SHOW_GPUS)) for s in range(4)]
+    done = [pool.get(r) for r in refs]
+    wall = time.time() - t0
+    seen = set()
+    for f in done:
+        assert f.result.status == Status.OK, f.result.reason
+        line = next(line for line in f.log_text.splitlines() if line.startswith("VISIBLE="))
+        seen.add(line.split("=")[1])
+        assert f.result.provenance["gpu_ids"] == [line.split("=")[1]]
+    assert seen == {"0", "1", "2", "3"}  # four runs, four logical GPUs, one each
+    assert wall < 4 * sum(f.result.wall_s for f in done) / 4 + 5  # they ran side by side, not one after another
+
+
+def test_cancel_kills_the_run(ray_cluster, tmp_path: Path):
+    toy = make_toy(tmp_path / "toy", gpus=1, timeout_s=120)
+    hang = 'train.py\n<<<<<<< SEARCH\nMODE = "ok"\n=======\nMODE = "hang"\n>>>>>>> REPLACE\n'
+    pool = Pool(run_root=tmp_path / "runs")
+    ref = pool.submit(RunSpec(toy, seed=0, fidelity="full", patch=hang, run_id="cancel-me"))
+    deadline = time.time() + 30
+    def trainers():
+        return [p for p in psutil.process_iter(["cmdline"])
+                if p.info["cmdline"] and "train.py" in " ".join(p.info["cmdline"])
+                and "cancel-me" in (p.cwd() if p.is_running() else "")]
+    while time.time() < deadline and not trainers():
+        time.sleep(0.1)
+    assert trainers(), "the run never started"
+    pool.cancel(ref)
+    deadline = time.time() + 15
+    while time.time() < deadline and trainers():
+        time.sleep(0.1)
+    assert not trainers(), "cancel did not reach the sandbox"
+
+
+def test_capacity(ray_cluster, tmp_path: Path):
+    pool = Pool(run_root=tmp_path / "runs")
+    assert pool.capacity(cpus=1, gpus=1) == 4
+    assert pool.capacity(cpus=1, gpus=2) == 2
+    assert pool.capacity(cpus=2, gpus=0) == 2
