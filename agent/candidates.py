@@ -84,18 +84,27 @@ class Candidates:
         check_change(self.target, {p: (files.get(p), t) for p, t in new.items()})
         return new
 
-    def commit(self, proposal: Proposal) -> tuple[str | None, str]:
-        """(commit, "") for a new candidate, or (None, why it was rejected)."""
+    def accept(self, proposal: Proposal) -> tuple[dict[str, str] | None, str]:
+        """(changes, "") for a proposal worth running, or (None, why it was rejected).
+
+        Its normalised content is reserved, so a twin proposed before it runs is rejected too.
+        """
         try:
             changes = self.changes(proposal.parent, list(proposal.edits), proposal.knobs)
         except (EditError, RuleViolation) as e:
             return None, str(e)
         key = normalised_key({**self.files(proposal.parent), **changes})
         if key in self.seen:
-            return None, f"already tried as {self.seen[key][:8]} (same normalised change)"
+            return None, f"already tried as {self.seen[key][:8] or 'a queued proposal'} (same normalised change)"
+        self.seen[key] = ""
+        proposal.meta["key"] = key
+        return changes, ""
+
+    def commit(self, proposal: Proposal, changes: dict[str, str]) -> tuple[str | None, str]:
+        """Commit accepted changes as a child of the parent: (commit, "") or (None, why not)."""
         commit, created = self.db.commit_candidate(proposal.parent, changes, proposal.title, proposal.rationale,
                                                    proposal.proposer, model=proposal.model)
-        self.seen[key] = commit
+        self.seen[proposal.meta["key"]] = commit
         if not created:
             return None, f"same tree as {commit[:8]}"
         return commit, ""

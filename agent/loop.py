@@ -47,6 +47,7 @@ class Pending:
     proposal: Proposal | None = None
     arm: str | None = None
     trial: int | None = None  # set when the trial already exists (confirm adding seeds)
+    changes: dict[str, str] | None = None  # a proposal not yet committed: committed when its trial starts
 
 
 @dataclass
@@ -200,13 +201,13 @@ class Search:
                 continue
             self.none_streak[arm] = 0
             self.summary.dollars += proposal.cost.dollars
-            commit, why = self.candidates.commit(proposal)
-            if commit is None:
+            changes, why = self.candidates.accept(proposal)
+            if changes is None:
                 self.live.note(f"rejected {proposal.title[:60]}: {why}")
                 proposer.tell(proposal, None)
                 continue
-            self._push(Pending(commit, parent, "smoke", (0,), proposal.title, proposal.proposer, proposal.model,
-                               proposal, arm))
+            self._push(Pending("", parent, "smoke", (0,), proposal.title, proposal.proposer, proposal.model,
+                               proposal, arm, changes=changes))
 
     # --- runs
     def _dispatch(self) -> None:
@@ -220,10 +221,22 @@ class Search:
             if p.trial is None and p.proposer != "baseline":
                 if self._budget_hit():
                     continue
+                if p.changes is not None and not self._commit(p):
+                    continue
                 self.summary.trials += 1
             self._start(p)
         for item in blocked:
             heapq.heappush(self.queue, item)
+
+    def _commit(self, p: Pending) -> bool:
+        """Commit an accepted proposal right before its first trial, so every commit has a trial."""
+        commit, why = self.candidates.commit(p.proposal, p.changes)
+        if commit is None:
+            self.live.note(f"rejected {p.title[:60]}: {why}")
+            self.proposers[p.arm.split(":")[0]].tell(p.proposal, None)
+            return False
+        p.commit, p.changes = commit, None
+        return True
 
     def _start(self, p: Pending) -> None:
         fid = run_fidelity(p.rung)
@@ -272,6 +285,7 @@ class Search:
                 self.baseline_pending.discard(fid)
                 value, state = self.baselines[fid].value, "complete"
             except RuntimeError as e:
+                self.open.pop(tr.number, None)
                 self.db.finish_trial(tr.number, None, runs, {"reason": str(e)}, state="fail")
                 raise
             self.db.finish_trial(tr.number, value, runs, {"baseline": self.baselines[fid].band.to_dict(),

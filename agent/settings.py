@@ -29,6 +29,7 @@ class SearchSettings:
     models: str = "claude-sonnet-4-6"  # "model" or "model:weight,model:weight"
     seed: int = 0  # the policy's random seed
     min_speedup: float = 1.0  # a rung is passed when the candidate beats the baseline by this ratio
+    plots: bool = False  # a loss plot per trial as it finishes (about 0.5 s each); the summary plots the best
 
     def __post_init__(self) -> None:
         if self.max_fidelity not in LADDER:

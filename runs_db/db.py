@@ -29,7 +29,7 @@ from optuna.distributions import BaseDistribution
 from env.result import RunResult, Status
 from runs_db.artifacts import Artifacts
 from runs_db.history import Candidate, History, snapshot
-from runs_db.study import Study, StudyError, TrialRecord, driver_url, summarise_runs
+from runs_db.study import STATES, Study, StudyError, TrialRecord, driver_url, summarise_runs
 from search_space.target import Target
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,8 @@ class RunsDB:
             raise StudyError(f"trial {number}: already finished")
         attrs = dict(attrs or {})
         state = state or ("complete" if value is not None else "fail")
+        if state not in STATES:
+            raise ValueError(f"trial {number}: state {state!r} is not one of {', '.join(STATES)}")
         if state == "complete" and value is None:
             raise ValueError(f"trial {number}: state complete needs a value")
         if value is not None and math.isnan(value):

@@ -23,11 +23,14 @@ def pg_url():
     if given:
         yield given
         return
+    problem = None
     try:
         server = _PgServer()
         url = server.start()
     except _PgUnavailable as e:
-        _rdb_pytest.fail(str(e), pytrace=False)
+        problem = str(e)
+    if problem:
+        _rdb_pytest.fail(problem, pytrace=False)
     try:
         yield url
     finally:

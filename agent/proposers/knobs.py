@@ -26,7 +26,7 @@ class KnobsProposer:
                                          direction="minimize",
                                          sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=6))
         self.lock = threading.Lock()
-        for t in self.study.get_trials(deep=False, states=(optuna.trial.TrialState.RUNNING,)):
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # asked before a crash: never told
 
     def propose(self, ctx: ProposalContext) -> Proposal | None:

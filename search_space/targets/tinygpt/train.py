@@ -43,7 +43,7 @@ WARMUP_STEPS = 10
 GRAD_CLIP = 1.0
 PRESETS = {  # model and batch: layers, width, heads, sequences per step, tokens per sequence
     "cpu": dict(n_layer=2, n_embd=64, n_head=4, batch_size=16, seq_len=128),
-    "gpu": dict(n_layer=6, n_embd=384, n_head=6, batch_size=64, seq_len=512),
+    "gpu": dict(n_layer=6, n_embd=384, n_head=6, batch_size=32, seq_len=1024),
 }
 Norm = nn.LayerNorm
 
