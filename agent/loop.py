@@ -8,11 +8,13 @@ loop knows is in the runs database, so `--resume` rebuilds the queue from it.
 from __future__ import annotations
 
 import heapq
+import shutil
 import itertools
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent.baseline import Baseline, build_baseline, run_fidelity
 from agent.candidates import Candidates, Record
@@ -20,6 +22,7 @@ from agent.ladder import next_rung
 from agent.live import Live
 from agent.policy import STATE_KEY, Node, Policy
 from agent.proposal import Proposal, Proposer
+from agent.recorder import Recorder
 from agent.settings import LADDER, SearchSettings
 from env.evaluate import RunSpec
 from env.pool import Pool
@@ -96,8 +99,15 @@ class Search:
         self.values: dict[tuple[str, str], float] = {}  # (commit, rung) -> objective
         self.summary = Summary()
         self.none_streak: dict[str, int] = {}
+        self.controller_s: dict[int, float] = {}  # trial -> seconds the controller spent on it (benchmarks)
+        self.spans: list[tuple[float, float]] = []  # (start, end) of every run in its worker (benchmarks)
+        self.busy_s = 0.0  # main-thread time not spent waiting for runs (benchmarks)
+        self.waited = 0.0
+        self.idle: dict[str, float] = {}
         self.dry: dict[str, set[str]] = {}  # arm -> parents it had nothing left for
         self.started = time.time()
+        self.recorder = Recorder()
+        self.next_number = 0  # Optuna numbers trials 0, 1, 2, ... in the order this loop starts them
         self.threads = ThreadPoolExecutor(max_workers=max(2, min(8, self.capacity + 1)), thread_name_prefix="propose")
 
     # --- queue
@@ -113,6 +123,7 @@ class Search:
         for t in self.db.stale_running():
             self.db.mark_failed(t.number, INTERRUPTED)
         trials = self.db.trials()
+        self.next_number = max((t.number for t in trials), default=-1) + 1
         latest: dict[tuple[str, str], object] = {}
         for t in trials:
             latest[(t.commit, t.fidelity if t.proposer != "baseline" else "baseline:" + t.fidelity)] = t
@@ -151,8 +162,8 @@ class Search:
     def _want_proposals(self) -> int:
         if self._budget_hit() or not self.policy.live_arms():
             return 0
-        queued = sum(1 for *_, p in self.queue if p.rung == "smoke")
-        return self.capacity + 1 - queued - len(self.futures)
+        ready = sum(1 for *_, p in self.queue if p.rung == "smoke")
+        return self.capacity + self.capacity // 2 + 1 - ready - len(self.futures)  # keep proposals ahead
 
     def _propose(self) -> None:
         for _ in range(max(0, self._want_proposals())):
@@ -221,10 +232,15 @@ class Search:
             if p.trial is None and p.proposer != "baseline":
                 if self._budget_hit():
                     continue
+                t0 = time.perf_counter()
                 if p.changes is not None and not self._commit(p):
                     continue
                 self.summary.trials += 1
-            self._start(p)
+                self.controller_s[-1] = time.perf_counter() - t0  # charged to the trial _start opens
+            t0 = time.perf_counter()
+            number = self._start(p)
+            self.controller_s[number] = self.controller_s.get(number, 0.0) + self.controller_s.pop(-1, 0.0) \
+                + time.perf_counter() - t0
         for item in blocked:
             heapq.heappush(self.queue, item)
 
@@ -238,7 +254,7 @@ class Search:
         p.commit, p.changes = commit, None
         return True
 
-    def _start(self, p: Pending) -> None:
+    def _start(self, p: Pending) -> int:
         fid = run_fidelity(p.rung)
         if p.trial is None:
             attrs = {"seeds": list(p.seeds), "rung": p.rung}
@@ -246,7 +262,9 @@ class Search:
                 attrs.update(ideas=list(p.proposal.ideas), knobs=p.proposal.knobs,
                              llm_input_tokens=p.proposal.cost.input_tokens,
                              llm_output_tokens=p.proposal.cost.output_tokens, llm_dollars=p.proposal.cost.dollars)
-            number = self.db.start_trial(p.commit, p.parent, p.proposer, p.title, p.rung, attrs, model=p.model)
+            number = self.next_number
+            self.next_number += 1
+            self.recorder.call(self._record_start, number, p, attrs)
             self.open[number] = Open(number, p, set())
         else:
             number = p.trial
@@ -258,14 +276,20 @@ class Search:
             self.inflight[self.pool.submit(spec)] = (number, seed)
             self.open[number].waiting.add(seed)
         self.live.started(number, p)
+        return number
 
     def _collect_runs(self, timeout: float) -> None:
-        for ref in self.pool.wait(list(self.inflight), timeout=timeout):
+        t_wait = time.perf_counter()
+        done = self.pool.wait(list(self.inflight), timeout=timeout)
+        self.waited += time.perf_counter() - t_wait
+        for ref in done:
+            t0 = time.perf_counter()
             number, seed = self.inflight.pop(ref)
             try:
                 finished = self.pool.get(ref)
                 result = finished.result
-                self.db.save_run(number, result, log_text=finished.log_text)
+                self.spans.append((finished.started, finished.ended, finished.worker))
+                self.recorder.call(self._record_run, number, result, finished.log_text)
             except Exception as e:  # the worker died and Ray gave up retrying
                 result = RunResult(Status.FAILED, reason=f"worker lost: {type(e).__name__}: {e}", seed=seed)
             self.summary.worker_hours += result.wall_s / 3600
@@ -275,6 +299,7 @@ class Search:
             tr.waiting.discard(seed)
             if not tr.waiting:
                 self._finish(tr)
+            self.controller_s[number] = self.controller_s.get(number, 0.0) + time.perf_counter() - t0
 
     def _finish(self, tr: Open) -> None:
         p, runs = tr.pending, [tr.results[s] for s in sorted(tr.results)]
@@ -286,11 +311,12 @@ class Search:
                 value, state = self.baselines[fid].value, "complete"
             except RuntimeError as e:
                 self.open.pop(tr.number, None)
-                self.db.finish_trial(tr.number, None, runs, {"reason": str(e)}, state="fail")
+                self.recorder.call(self.db.finish_trial, tr.number, None, runs, {"reason": str(e)}, "fail")
                 raise
-            self.db.finish_trial(tr.number, value, runs, {"baseline": self.baselines[fid].band.to_dict(),
+            self.open.pop(tr.number, None)
+            self.recorder.call(self.db.finish_trial, tr.number, value, runs, {"baseline": self.baselines[fid].band.to_dict(),
                                                           "target_loss": self.baselines[fid].target_loss,
-                                                          "worker_seconds": tr.worker_s}, state=state)
+                                                          "worker_seconds": tr.worker_s}, state)
             self.live.finished(tr.number, p, "ok", value, 1.0, self.baselines[fid].band.final_loss)
             return
         base = self.baselines.get(fid)
@@ -311,7 +337,7 @@ class Search:
                                trial=tr.number))
             return  # the confirm trial stays open until the t-test answers
         self.open.pop(tr.number, None)
-        self.db.finish_trial(tr.number, value, runs, attrs, state=state)
+        self.recorder.call(self.db.finish_trial, tr.number, value, runs, attrs, state)
         if value is not None:
             self.values[(p.commit, p.rung)] = value
             if math.isfinite(value) and p.rung != "smoke":
@@ -341,7 +367,7 @@ class Search:
                                                           else None)
                 won = value is not None and ref is not None and value < ref
                 self.policy.reward(pending.arm, won)
-                self.db.set_state(STATE_KEY, self.policy.state())
+                self.recorder.call(self.db.set_state, STATE_KEY, self.policy.state())
                 if pending.proposal is not None:
                     self.proposers[pending.arm.split(":")[0]].tell(pending.proposal, value, won)
         if nxt.rung and not nxt.extend:
@@ -393,10 +419,21 @@ class Search:
         try:
             with self.live:
                 while True:
+                    t_iter = time.perf_counter()
+                    self._collect_runs(timeout=0.02 if self.futures else 0.2)
+                    self._dispatch()  # refill freed workers before anything slower
                     self._propose()
                     self._collect_proposals()
                     self._dispatch()
-                    self._collect_runs(timeout=0.02 if self.futures else 0.2)
+                    free = self.capacity - len(self.inflight)
+                    if free > 0:  # slot-seconds left free, and why (benchmarks)
+                        dt = time.perf_counter() - t_iter
+                        key = "lag" if any(self._runnable(p) for *_, p in self.queue) else "starved"
+                        self.idle[key] = self.idle.get(key, 0.0) + free * dt
+                    if self.recorder.error is not None:
+                        self.recorder.flush()  # raises the failed write
+                    self.busy_s += time.perf_counter() - t_iter - self.waited
+                    self.waited = 0.0
                     hit = self._budget_hit()
                     if hit == "minutes":
                         self.summary.stopped_by = hit
@@ -415,10 +452,27 @@ class Search:
         for ref in list(self.inflight):
             self.pool.cancel(ref)
         for number in list(self.open):
-            self.db.mark_failed(number, INTERRUPTED)
+            self.recorder.call(self.db.mark_failed, number, INTERRUPTED)
         self.inflight.clear()
         self.open.clear()
         for fut in self.futures:
             fut.cancel()
         self.threads.shutdown(wait=False, cancel_futures=True)
-        self.db.set_state(STATE_KEY, self.policy.state())
+        self.recorder.call(self.db.set_state, STATE_KEY, self.policy.state())
+        try:
+            self.recorder.flush()
+        finally:
+            self.recorder.close()
+
+    # --- the recorder thread's side
+    def _record_start(self, number: int, p: Pending, attrs: dict) -> None:
+        got = self.db.start_trial(p.commit, p.parent, p.proposer, p.title, p.rung, attrs, model=p.model)
+        if got != number:
+            raise RuntimeError(f"the study numbered a new trial {got}, not {number}: is another controller "
+                               "writing to this search?")
+
+    def _record_run(self, number: int, result: RunResult, log_text: str) -> None:
+        self.db.save_run(number, result, log_text=log_text)
+        run_dir = Path(result.log).parent
+        if run_dir.name.startswith(f"t{number}-") and run_dir.is_dir():
+            shutil.rmtree(run_dir, ignore_errors=True)  # the log now lives in the artifacts

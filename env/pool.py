@@ -29,9 +29,12 @@ class Finished:
     result: RunResult
     log_text: str
     worker: str
+    started: float = 0.0  # wall-clock time the task began and ended in its worker
+    ended: float = 0.0
 
 
 def _run(spec: RunSpec, sandbox_name: str, run_root: str) -> Finished:
+    started = time.time()
     ctx = ray.get_runtime_context()
     gpu_ids = tuple(str(g) for g in ctx.get_accelerator_ids().get("GPU", []))
     spec = replace(spec, gpu_ids=gpu_ids or spec.gpu_ids)
@@ -47,7 +50,12 @@ def _run(spec: RunSpec, sandbox_name: str, run_root: str) -> Finished:
         raise
     log = Path(result.log)
     text = log.read_text(errors="replace")[-LOG_CHARS:] if log.exists() else ""
-    return Finished(result, text, f"{ctx.get_node_id()[:12]}/{slot}")
+    return Finished(result, text, f"{ctx.get_node_id()[:12]}/{slot}", started, time.time())
+
+
+@ray.remote
+def _noop(seconds: float) -> None:
+    time.sleep(seconds)  # held long enough that each call gets its own worker process
 
 
 class Pool:
@@ -64,6 +72,11 @@ class Pool:
         self.sandbox = sandbox
         self.run_root = str(run_root or cache_dir() / "runs")
         self._remote = ray.remote(max_retries=3, retry_exceptions=False)(_run)
+
+    def warm_up(self, n: int, cpus: int = 1, gpus: int = 0) -> None:
+        """Start `n` worker processes now (Ray starts them lazily, a second or more each), so the
+        first runs of a search do not wait for them."""
+        ray.get([_noop.options(num_cpus=cpus, num_gpus=gpus).remote(0.2) for _ in range(n)])
 
     def capacity(self, cpus: int, gpus: int) -> int:
         """How many runs of this size fit in the cluster at once."""

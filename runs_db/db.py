@@ -40,6 +40,9 @@ DEFAULT_STUDY = "speedsearch"
 BASELINE = "baseline"  # the proposer name of the base's own runs
 
 
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
 class SearchExistsError(FileExistsError):
     """The folder already holds a search: resume it with RunsDB.open, or pick another folder."""
 
@@ -55,6 +58,8 @@ class RunsDB:
         self._owner = {"host": socket.gethostname(), "pid": os.getpid(), "session": uuid.uuid4().hex,
                        "since": time.time()}
         self._closed = False
+        self._by_commit: dict[str, list[int]] | None = None  # commit -> its trial numbers (for notes)
+        self._finished: dict[int, TrialRecord] = {}
         # Drawing costs about half a second a trial; `plots = false` in the settings skips it.
         self.auto_plot = bool(settings.get("plots", True))
 
@@ -171,6 +176,10 @@ class RunsDB:
     def lineage(self, commit: str) -> list[str]:
         return self.history.lineage(commit)
 
+    def flush(self) -> None:
+        """Wait for the git notes being written in the background (close() does too)."""
+        self.history.flush_notes()
+
     def note(self, commit: str) -> str:
         return self.history.note(commit)
 
@@ -209,11 +218,19 @@ class RunsDB:
 
         `parent` None means the commit's git parent. `params`/`distributions` record knob values.
         """
-        commit = self.history.resolve(commit)
-        parent = self.history.resolve(parent) if parent else self.history.parent(commit)
+        # Full shas skip git: the search loop records trials from a writer thread, and git stays on its own.
+        commit = commit if _SHA.fullmatch(commit) else self.history.resolve(commit)
+        if parent:
+            parent = parent if _SHA.fullmatch(parent) else self.history.resolve(parent)
+        else:
+            parent = None if commit == self.history.base_commit else self.history.parent(commit)
         core = {"commit": commit, "parent": parent, "proposer": proposer, "model": model,
                 "title": title, "fidelity": fidelity, "controller": self._owner}
-        return self.study.ask({**(attrs or {}), **core}, params, distributions)
+        number = self.study.ask({**(attrs or {}), **core}, params, distributions)
+        known = self._trials_of(commit)  # built from the study on first use: may hold `number` already
+        if number not in known:
+            known.append(number)
+        return number
 
     def finish_trial(self, number: int, value: float | None, results: list[RunResult],
                      attrs: dict[str, Any] | None = None, state: str | None = None) -> None:
@@ -249,6 +266,7 @@ class RunsDB:
         self.study.set_attrs(number, attrs)
         self.study.tell(number, value, state)
         record = self.trial(number)
+        self._finished[number] = record
         self._refresh_note(record.commit)
         if self.auto_plot:
             self.plot(number)
@@ -261,7 +279,8 @@ class RunsDB:
             return False
         self.study.set_attrs(number, {"fail_reason": reason, "reason": reason})
         self.study.tell(number, None, "fail")
-        self._refresh_note(self.trial(number).commit)
+        record = self._finished[number] = self.trial(number)
+        self._refresh_note(record.commit)
         return True
 
     def trial(self, number: int) -> TrialRecord:
@@ -350,12 +369,22 @@ class RunsDB:
 
     # -- helpers -----------------------------------------------------------------------------
 
+    def _trials_of(self, commit: str) -> list[int]:
+        if self._by_commit is None:
+            self._by_commit = {}
+            for t in self.trials():
+                self._by_commit.setdefault(t.commit, []).append(t.number)
+        return self._by_commit.setdefault(commit, [])
+
     def _refresh_note(self, commit: str) -> None:
-        lines = [f"speedsearch: {self.history.message(commit).splitlines()[0]}"]
-        for t in self.trials():
-            if t.commit == commit and t.state != "running":
-                lines += t.note_lines()
-        self.history.set_note(commit, "\n".join(lines) + "\n")
+        """Rewrite the commit's note from its trials (written by a background thread)."""
+        lines = []
+        for number in self._trials_of(commit):
+            t = self._finished.get(number) or self.trial(number)  # finished trials never change
+            if t.state != "running":
+                lines += t.note_lines() if lines else [f"speedsearch: {t.title}", *t.note_lines()]
+        if lines:
+            self.history.set_note(commit, "\n".join(lines) + "\n", wait=False)
 
 
 def _sqlite_url(d: Path) -> str:

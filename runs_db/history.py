@@ -9,6 +9,9 @@ candidate's commit instead of a new one.
 from __future__ import annotations
 
 import os
+import threading
+import subprocess
+import queue
 import re
 import shutil
 import tempfile
@@ -87,6 +90,12 @@ class History:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.repo = git.Repo(self.path)
+        self._trees: dict[str, str] | None = None  # tree -> candidate commit; only this process writes refs
+        self._cand_count: int | None = None
+        self._base: str | None = None
+        self._notes: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._notes_error: str | None = None
+        self._notes_thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -114,6 +123,11 @@ class History:
         return hist
 
     def close(self) -> None:
+        self.flush_notes()
+        if self._notes_thread is not None:
+            self._notes.put(None)
+            self._notes_thread.join(timeout=30)
+            self._notes_thread = None
         self.repo.close()  # ends the persistent `git cat-file` helpers GitPython started
 
     def __enter__(self) -> History:
@@ -126,7 +140,9 @@ class History:
 
     @property
     def base_commit(self) -> str:
-        return self.repo.commit(BASE_BRANCH).hexsha
+        if self._base is None:
+            self._base = self.repo.commit(BASE_BRANCH).hexsha
+        return self._base
 
     def resolve(self, rev: str) -> str:
         try:
@@ -185,7 +201,12 @@ class History:
         return out + "\n" if out else ""  # GitPython strips the last newline; a patch needs it
 
     def candidates(self) -> dict[str, str]:
-        """Tree sha -> commit for the base and every candidate branch."""
+        """Tree sha -> commit for the base and every candidate branch (read once, then kept up to date)."""
+        if self._trees is None:
+            self._trees = self._read_candidates()
+        return self._trees
+
+    def _read_candidates(self) -> dict[str, str]:
         out: dict[str, str] = {}
         refs = self._git("for_each_ref", "--format=%(objectname) %(tree)", f"refs/heads/{BASE_BRANCH}",
                          f"refs/heads/{CAND_PREFIX}")
@@ -239,14 +260,45 @@ class History:
         if existing:
             return existing, False
         commit = self._git("commit_tree", "--no-gpg-sign", tree, "-p", parent, "-m", message)
-        n = sum(1 for r in self.repo.references if r.path.startswith(f"refs/heads/{CAND_PREFIX}")) + 1
-        self._git("branch", f"{CAND_PREFIX}{n}-{slug(title)}-{commit[:7]}", commit)
+        if self._cand_count is None:
+            self._cand_count = sum(1 for r in self.repo.references if r.path.startswith(f"refs/heads/{CAND_PREFIX}"))
+        self._cand_count += 1
+        self._git("update_ref", f"refs/heads/{CAND_PREFIX}{self._cand_count}-{slug(title)}-{commit[:7]}", commit)
+        self.candidates()[tree] = commit
         return commit, True
 
-    def set_note(self, commit: str, text: str) -> None:
-        self._git("notes", f"--ref={NOTES_REF}", "add", "-f", "-m", text, self.resolve(commit))
+    def set_note(self, commit: str, text: str, wait: bool = True) -> None:
+        """Attach `text` as the commit's note; with wait=False a background thread writes it
+        (notes are derived from the study, so a note lost in a crash is rewritten on resume)."""
+        if wait:
+            self._git("notes", f"--ref={NOTES_REF}", "add", "-f", "-m", text, self.resolve(commit))
+            return
+        if self._notes_thread is None:
+            self._notes_thread = threading.Thread(target=self._write_notes, name="git-notes", daemon=True)
+            self._notes_thread.start()
+        self._notes.put((commit, text))
+
+    def _write_notes(self) -> None:
+        # A plain git process per note: GitPython's Repo is not shared across threads.
+        while (item := self._notes.get()) is not None:
+            commit, text = item
+            proc = subprocess.run(["git", "-C", str(self.path), "notes", f"--ref={NOTES_REF}", "add", "-f", "-F", "-",
+                                   commit], input=text, text=True, capture_output=True, env={**os.environ, **IDENTITY})
+            if proc.returncode != 0:
+                self._notes_error = proc.stderr.strip()
+            self._notes.task_done()
+        self._notes.task_done()
+
+    def flush_notes(self) -> None:
+        """Wait until every queued note is written."""
+        if self._notes_thread is not None:
+            self._notes.join()
+        if self._notes_error:
+            error, self._notes_error = self._notes_error, None
+            raise HistoryError(f"writing a git note failed: {error}")
 
     def note(self, commit: str) -> str:
+        self.flush_notes()
         try:
             return self._git("notes", f"--ref={NOTES_REF}", "show", self.resolve(commit))
         except git.GitCommandError:

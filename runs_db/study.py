@@ -6,6 +6,8 @@ storage as is. The study minimises: the objective is a time, a step count or a l
 
 from __future__ import annotations
 
+import datetime
+
 import dataclasses
 import enum
 import importlib.util
@@ -54,6 +56,12 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+# Optuna writes one user attr in three queries, so a trial keeps few: the core keys, shown as
+# columns by optuna-dashboard, plus one JSON object written at start (INFO) and one at the end (RESULT).
+CORE = ("commit", "parent", "proposer", "model", "title", "fidelity")
+INFO, RESULT = "info", "result"
+
+
 @dataclass(frozen=True)
 class TrialRecord:
     """One evaluation of one candidate at one fidelity, as the search loop sees it."""
@@ -93,7 +101,8 @@ class TrialRecord:
 
     @classmethod
     def from_frozen(cls, t: FrozenTrial) -> TrialRecord:
-        a = t.user_attrs
+        a = {**t.user_attrs.get(INFO, {}), **t.user_attrs.get(RESULT, {}),
+             **{k: v for k, v in t.user_attrs.items() if k not in (INFO, RESULT)}}
         return cls(
             number=t.number,
             commit=a.get("commit", ""),
@@ -134,6 +143,7 @@ class Study:
             self.close()
             raise StudyError(f"study {name!r} not found in {_redact(storage_url)}") from None
         self._id = self.study._study_id
+        self._results: set[int] = set()  # trials given a RESULT attr by this process
 
     def close(self) -> None:
         self.storage.remove_session()
@@ -147,26 +157,40 @@ class Study:
     def ask(self, attrs: dict[str, Any], params: dict[str, Any] | None = None,
             distributions: dict[str, BaseDistribution] | None = None) -> int:
         """A new RUNNING trial with `attrs` as user attrs; `params` (knob values) are recorded
-        against `distributions` so the dashboard and samplers see them."""
-        trial = self.study.ask()
-        tid = trial._trial_id
-        for name, value in (params or {}).items():
-            if not distributions or name not in distributions:
-                raise StudyError(f"param {name!r}: no distribution given")
-            dist = distributions[name]
-            self.storage.set_trial_param(tid, name, dist.to_internal_repr(value), dist)
-        self._set_attrs(tid, attrs)
-        return trial.number
+        against `distributions` so the dashboard and samplers see them. One transaction: the
+        trial is created from a template, with no sampler involved."""
+        params = params or {}
+        missing = [name for name in params if not distributions or name not in distributions]
+        if missing:
+            raise StudyError(f"param {missing[0]!r}: no distribution given")
+        template = FrozenTrial(
+            number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(),
+            datetime_complete=None, params=params,
+            distributions={name: distributions[name] for name in params} if distributions else {},
+            user_attrs={**{k: jsonable(attrs.get(k)) for k in CORE},
+                        INFO: jsonable({k: v for k, v in attrs.items() if k not in CORE})}, system_attrs={},
+            intermediate_values={}, trial_id=-1)
+        return self.storage.get_trial_number_from_id(self.storage.create_new_trial(self._id, template_trial=template))
 
     def set_attrs(self, number: int, attrs: dict[str, Any]) -> None:
-        self._set_attrs(self._trial_id(number), attrs)
+        """A trial's result attrs, written once, as it ends (merged with earlier ones if any)."""
+        tid = self._trial_id(number)
+        old = self.storage.get_trial_user_attrs(tid).get(RESULT, {}) if self._has_result(tid) else {}
+        self._set_attrs(tid, {RESULT: {**old, **attrs}})
+
+    def _has_result(self, tid: int) -> bool:
+        return tid in self._results
+
+    def _mark_result(self, tid: int) -> None:
+        self._results.add(tid)
 
     def tell(self, number: int, value: float | None, state: str) -> None:
         if state not in STATES:
             raise StudyError(f"state {state!r}: use one of {', '.join(STATES)}")
-        values = value if state == "complete" else None
+        values = [value] if state == "complete" else None
         try:
-            self.study.tell(number, values, state=STATES[state])
+            if not self.storage.set_trial_state_values(self._trial_id(number), STATES[state], values):
+                raise RuntimeError("the storage refused the state change")
         except (ValueError, RuntimeError) as e:  # e.g. the trial is already finished
             raise StudyError(f"trial {number}: cannot finish as {state}: {e}") from e
 
@@ -203,8 +227,22 @@ class Study:
             raise StudyError(f"trial {number}: not in study {self.name!r}") from None
 
     def _set_attrs(self, tid: int, attrs: dict[str, Any]) -> None:
-        for key, value in attrs.items():
-            self.storage.set_trial_user_attr(tid, str(key), jsonable(value))
+        """All attrs in one transaction (Optuna's public API commits once per attr, ~3 ms each)."""
+        clean = {str(k): jsonable(v) for k, v in attrs.items()}
+        try:
+            from optuna.storages._rdb import models
+            from optuna.storages._rdb.storage import _create_scoped_session
+
+            batch = self.storage._set_trial_attr_without_commit
+        except (ImportError, AttributeError):  # another Optuna: fall back to the public API
+            for key, value in clean.items():
+                self.storage.set_trial_user_attr(tid, key, value)
+            return
+        with _create_scoped_session(self.storage.scoped_session, True) as session:
+            for key, value in clean.items():
+                batch(session, models.TrialUserAttributeModel, tid, key, value)
+        if RESULT in clean:
+            self._mark_result(tid)
 
 
 def summarise_runs(results: list[RunResult]) -> dict[str, Any]:

@@ -207,6 +207,7 @@ def test_notes_tell_the_story(db):
     db.finish_trial(n, 900.0, [run_result(0, 3.38, 900)])
     m = db.start_trial(c, base, "llm", "Raise LR", "smoke")
     db.mark_failed(m, "controller died")
+    db.flush()  # notes are written in the background
     out = subprocess.run(["git", "-C", str(db.repo_path), "log", "--notes=speedsearch", "--branches"],
                          capture_output=True, text=True, check=True).stdout
     assert f"trial {n} [full] complete value=900" in out and "val_loss=3.3800 train_ms=900" in out

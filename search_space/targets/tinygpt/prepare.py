@@ -32,7 +32,8 @@ SHARD_TOKENS = 8 * 2**20
 VAL_PERCENT = 6
 SEPARATOR = 0  # byte that starts each document; it does not occur in Python source
 MARKER = "DONE"
-SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__",
+             "encodings", "pydoc_data"}  # generated tables and a docs dump: near-duplicates, not code
 
 
 def documents(root: Path) -> list[tuple[str, bytes]]:
