@@ -129,7 +129,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """What a search has found so far."""
-    from agent.report import status_dict, print_status
+    from agent.report import print_status, status_dict
     from runs_db.db import RunsDB
 
     if not (dir / "search.toml").exists():
@@ -142,3 +142,59 @@ def status(
         sys.stdout.write("\n")
     else:
         print_status(data, Console())
+
+
+@app.command()
+def replay(
+    dir: Path = typer.Option(Path("searches/default"), "--dir", help="the search's folder"),
+    commit: str = typer.Option(..., help="the candidate's commit (a prefix will do)"),
+    seeds: int = typer.Option(5, help="seeds to run, each beside a run of the base"),
+) -> None:
+    """Run a candidate again with fresh seeds, interleaved with the base: t-test and timing ratio."""
+    from agent.replay import replay as run_replay
+    from agent.runner import make_pool
+    from agent.settings import SearchSettings
+    from runs_db.db import RunsDB
+
+    with RunsDB.open(dir) as db:
+        settings = SearchSettings.from_dict(db.settings)
+        t = _target(settings.target)
+        pool = make_pool(settings, t, db)
+        with console.status(f"replaying {commit[:10]} with {seeds} seeds beside the base"):
+            r = run_replay(db, t, pool, commit, seeds)
+    table = Table("seed", "candidate val_loss", "candidate ms", "base val_loss", "base ms",
+                  title=f"replay of {r.commit[:10]} (trial {r.trial})")
+    for c, b in zip(r.candidate, r.base, strict=True):
+        fc, fb = c.final, b.final
+        table.add_row(str(c.seed), f"{fc.val_loss:.4f}" if fc else c.status.value, f"{fc.train_ms:.0f}" if fc else "-",
+                      f"{fb.val_loss:.4f}" if fb else b.status.value, f"{fb.train_ms:.0f}" if fb else "-")
+    out = Console()
+    out.print(table)
+    out.print(f"target loss {r.target_loss:.4f}; one-sided t-test p = {r.pvalue:.4g} "
+              f"({'passes' if r.pvalue < 0.01 else 'does not pass'} p < 0.01)")
+    if r.ratio:
+        out.print(f"time ratio candidate/base {r.ratio.ratio:.3f} (95% CI {r.ratio.low:.3f} to {r.ratio.high:.3f}, "
+                  f"{r.ratio.n} pairs on this machine)")
+
+
+@app.command()
+def export(
+    dir: Path = typer.Option(Path("searches/default"), "--dir", help="the search's folder"),
+    commit: str = typer.Option(..., help="the candidate's commit (a prefix will do)"),
+    name: str = typer.Option(..., help="the record's name, e.g. RotaryQKNorm"),
+    out: Path = typer.Option(Path("."), help="where records/<date>_<name>/ goes"),
+) -> None:
+    """Write a record folder (README, logs, statistics, plot, PR body) and an export/<name> branch."""
+    from agent.settings import SearchSettings
+    from runs_db.db import RunsDB
+    from runs_db.export import ExportError
+    from runs_db.export import export as run_export
+
+    with RunsDB.open(dir) as db:
+        t = _target(SearchSettings.from_dict(db.settings).target)
+        try:
+            folder = run_export(db, commit, out, name, t)
+        except ExportError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+    Console().print(f"record written to {folder}")

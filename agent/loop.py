@@ -8,9 +8,9 @@ loop knows is in the runs database, so `--resume` rebuilds the queue from it.
 from __future__ import annotations
 
 import heapq
-import shutil
 import itertools
 import math
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -128,13 +128,16 @@ class Search:
         for t in trials:
             latest[(t.commit, t.fidelity if t.proposer != "baseline" else "baseline:" + t.fidelity)] = t
         base = self.db.base_commit
-        for fid in self._baseline_fidelities():
+        fids = self._baseline_fidelities()
+        # Workers that would idle until the baseline is known measure it with more seeds instead.
+        n_seeds = max(self.settings.seeds, min(self.settings.max_seeds, self.capacity // max(1, len(fids))))
+        for fid in fids:
             t = latest.get((base, "baseline:" + fid))
             if t is not None and t.state == "complete":
                 self.baselines[fid] = build_baseline(self.target, fid, self.db.runs(t.number))
             else:
                 self.baseline_pending.add(fid)
-                self._push(Pending(base, "", fid, tuple(range(self.settings.seeds)), "baseline", "baseline"))
+                self._push(Pending(base, "", fid, tuple(range(n_seeds)), "baseline", "baseline"))
         for (commit, rung), t in sorted(latest.items(), key=lambda kv: kv[1].number):
             if t.proposer == "baseline":
                 continue

@@ -126,9 +126,11 @@ class DockerSandbox:
     def _user(self, request: SandboxRequest) -> str:
         if os.getuid() != 0:
             return f"{os.getuid()}:{os.getgid()}"
-        for path in (request.workdir, request.cache_dir):
-            if path is not None:
-                _chown_tree(Path(path), RUNNER_UID, RUNNER_GID)
+        _chown_tree(Path(request.workdir), RUNNER_UID, RUNNER_GID)
+        cache = request.cache_dir
+        # What the container writes into the cache is its own already: walk it only the first time.
+        if cache is not None and os.lstat(cache).st_uid != RUNNER_UID:
+            _chown_tree(Path(cache), RUNNER_UID, RUNNER_GID)
         return f"{RUNNER_UID}:{RUNNER_GID}"
 
     def _config(self, request: SandboxRequest, run_id: str) -> dict:

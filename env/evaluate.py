@@ -39,9 +39,10 @@ class RunSpec:
     band: Band | None = None
     gpu_ids: tuple[str, ...] = ()
     run_id: str = ""
+    env: tuple[tuple[str, str], ...] = ()  # extra environment (e.g. the controller's NCCL safety settings)
 
 
-def make_sandbox(name: str, target: Target | None = None) -> Sandbox:
+def make_sandbox(name: str, target: Target | None = None, image: str | None = None) -> Sandbox:
     if name == "process":
         from env.process_sandbox import ProcessSandbox
 
@@ -49,7 +50,7 @@ def make_sandbox(name: str, target: Target | None = None) -> Sandbox:
     if name == "docker":
         from env.docker_sandbox import DockerSandbox
 
-        return DockerSandbox(image=target.docker_image if target else "speedsearch-runner:latest")
+        return DockerSandbox(image=image or (target.docker_image if target else "speedsearch-runner:latest"))
     raise ValueError(f"sandbox {name!r}: use process or docker")
 
 
@@ -115,7 +116,8 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
 
     request = SandboxRequest(
         command=command, workdir=workdir, log_path=log_path,
-        env={**{k: os.environ[k] for k in target.passthrough_env if k in os.environ}, **target.env, **env},
+        env={**{k: os.environ[k] for k in target.passthrough_env if k in os.environ}, **dict(spec.env),
+             **target.env, **env},
         limits=Limits(timeout_s=target.resources.timeout_s, memory_mb=target.resources.memory_mb,
                       cpus=target.resources.cpus, gpu_ids=spec.gpu_ids),
         data=data, cache_dir=cache_dir)

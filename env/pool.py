@@ -8,6 +8,7 @@ not pay for compilation again.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import Any
 import ray
 
 from env.evaluate import RunSpec, evaluate, make_sandbox
+from env.process_sandbox import MULTICAST_OFF
 from env.result import RunResult
 from search_space.target import cache_dir
 
@@ -33,6 +35,12 @@ class Finished:
     ended: float = 0.0
 
 
+@functools.cache
+def _sandbox(name: str, image: str):
+    """One sandbox per worker process and kind (a Docker client and image check cost ~50 ms)."""
+    return make_sandbox(name, image=image)
+
+
 def _run(spec: RunSpec, sandbox_name: str, run_root: str) -> Finished:
     started = time.time()
     ctx = ray.get_runtime_context()
@@ -42,12 +50,29 @@ def _run(spec: RunSpec, sandbox_name: str, run_root: str) -> Finished:
     cache = cache_dir() / "compile" / f"{ctx.get_node_id()[:12]}-{slot}"
     cache.mkdir(parents=True, exist_ok=True)
     cancel = threading.Event()
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = evaluate(spec, _sandbox(sandbox_name, spec.target.docker_image), Path(run_root),
+                                     cancel=cancel, cache_dir=cache)
+        except BaseException as e:  # handed to the task's thread below
+            box["error"] = e
+
+    # The run goes on in a thread while this one waits in short joins: Ray's cancel raises in this
+    # thread, which a sandbox blocked reading a silent trainer's output would never notice.
+    thread = threading.Thread(target=work, name="evaluate", daemon=True)
+    thread.start()
     try:
-        result = evaluate(spec, make_sandbox(sandbox_name, spec.target), Path(run_root), cancel=cancel,
-                          cache_dir=cache)
-    except (KeyboardInterrupt, ray.exceptions.TaskCancelledError):
-        cancel.set()
+        while thread.is_alive():
+            thread.join(0.1)
+    except BaseException:
+        cancel.set()  # the sandbox kills every process of the run, then evaluate returns
+        thread.join(60)
         raise
+    if "error" in box:
+        raise box["error"]
+    result = box["result"]
     log = Path(result.log)
     text = log.read_text(errors="replace")[-LOG_CHARS:] if log.exists() else ""
     return Finished(result, text, f"{ctx.get_node_id()[:12]}/{slot}", started, time.time())
@@ -87,6 +112,10 @@ class Pool:
         return max(1, min(fits))
 
     def submit(self, spec: RunSpec) -> ray.ObjectRef:
+        # Workers may have started with another environment: the controller's multicast settings travel along.
+        carried = tuple((k, os.environ[k]) for k in MULTICAST_OFF if k in os.environ and k not in dict(spec.env))
+        if carried:
+            spec = replace(spec, env=spec.env + carried)
         res = spec.target.resources
         return self._remote.options(num_cpus=res.cpus, num_gpus=res.gpus).remote(spec, self.sandbox, self.run_root)
 

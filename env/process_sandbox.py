@@ -22,8 +22,8 @@ SCRATCH_DIRNAME = ".sandbox"  # inside the workdir: home/ and tmp/ of the run
 # Safety switches for NCCL/torch on machines where NVLink multicast misbehaves: the operator sets
 # them for every job, so they must reach candidates unchanged.
 # NVLink multicast stays off on shared hosts; CUDA's library paths are configuration, not secrets.
-PASSTHROUGH_VARS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
-                    "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH")
+MULTICAST_OFF = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+PASSTHROUGH_VARS = (*MULTICAST_OFF, "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH")
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 MAX_LINE_BYTES = 1 << 20  # a line longer than this reaches on_line in pieces
 

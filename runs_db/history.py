@@ -9,12 +9,12 @@ candidate's commit instead of a new one.
 from __future__ import annotations
 
 import os
-import threading
-import subprocess
 import queue
 import re
 import shutil
+import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path

@@ -6,9 +6,8 @@ storage as is. The study minimises: the objective is a time, a step count or a l
 
 from __future__ import annotations
 
-import datetime
-
 import dataclasses
+import datetime
 import enum
 import importlib.util
 import json

@@ -75,7 +75,7 @@ def test_nan_loss_fails(toy, sandbox, tmp_path):
 
 
 def test_lying_clock_is_invalid(tmp_path, sandbox):
-    toy = make_toy(tmp_path / "slow", sleep=0.05)
+    toy = make_toy(tmp_path / "slow", sleep=0.15)  # 3 s: long enough for the clock check
     r = run(toy, sandbox, tmp_path, mode_patch("lie"))
     assert r.status == Status.INVALID and "claims" in r.reason
 

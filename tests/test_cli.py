@@ -1,0 +1,70 @@
+"""The `speedsearch` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.toy import make_toy, mode_patch
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_evaluate_json(tmp_path: Path):
+    toy = make_toy(tmp_path / "toy", sleep=0.01)
+    out = cli("evaluate", "--target", str(toy.source), "--seed", "3", "--fidelity", "short", "--json",
+              "--run-root", str(tmp_path / "runs"))
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["status"] == "ok" and data["reason"] == ""
+    assert data["final"]["steps"] == 10 and data["final"]["val_loss"] > 0 and data["final"]["train_ms"] >= 0
+    assert data["curve"][0][0] == 0 and len(data["curve"][0]) == 3
+    assert data["wall_s"] > 0 and Path(data["log"]).exists() and data["seed"] == 3
+
+
+def test_evaluate_bad_patch_exits_zero_with_status(tmp_path: Path):
+    toy = make_toy(tmp_path / "toy")
+    patch = tmp_path / "p.txt"
+    patch.write_text(mode_patch("crash"))
+    out = cli("evaluate", "--target", str(toy.source), "--patch", str(patch), "--json",
+              "--run-root", str(tmp_path / "runs"))
+    assert out.returncode == 0
+    data = json.loads(out.stdout)
+    assert data["status"] == "failed" and "boom" in data["reason"]
+
+
+def test_usage_errors_exit_nonzero(tmp_path: Path):
+    assert cli("evaluate", "--target", "no-such-target").returncode == 2
+    toy = make_toy(tmp_path / "toy")
+    assert cli("evaluate", "--target", str(toy.source), "--fidelity", "huge").returncode == 2
+    assert cli("evaluate", "--target", str(toy.source), "--sandbox", "vm").returncode == 2
+    assert cli("status", "--dir", str(tmp_path / "nothing")).returncode == 2
+    assert cli("launch", "--dir", str(tmp_path / "x"), "--target", str(toy.source),
+               "--proposers", "magic").returncode == 2
+
+
+def test_targets_lists_builtins():
+    out = cli("targets")
+    assert out.returncode == 0 and "tinygpt" in out.stdout and "tinygpt-gpu" in out.stdout
+
+
+def test_launch_then_status_json(tmp_path: Path):
+    toy = make_toy(tmp_path / "toy", sleep=0.01)
+    d = tmp_path / "search"
+    out = cli("launch", "--dir", str(d), "--target", str(toy.source), "--seeds", "2", "--budget-trials", "6",
+              "--workers", "2", "--max-fidelity", "short")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "stopped:" in out.stdout
+    status = cli("status", "--dir", str(d), "--json")
+    data = json.loads(status.stdout)
+    for key in ("study", "storage", "baseline", "best", "trials"):
+        assert key in data
+    assert data["storage"].startswith("sqlite:///") and set(data["baseline"]) == {"short"}
+    t = data["trials"][0]
+    for key in ("number", "commit", "parent", "proposer", "title", "state", "value", "fidelity"):
+        assert key in t
+    assert len([t for t in data["trials"] if t["proposer"] != "baseline"]) == 6

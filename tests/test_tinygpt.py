@@ -1,0 +1,174 @@
+"""The embedded tinygpt target: its corpus, its trainer's log format, and its idea library."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from search_space.edits import EditError
+from search_space.ideas import apply_ideas, load_ideas
+from search_space.knobs import read_constant, rewrite_constant
+from search_space.rules import check_markers, outside_blocks
+from search_space.target import SPEEDRUN_LINE, load_target
+
+HERE = Path(__file__).resolve().parent.parent / "search_space" / "targets" / "tinygpt"
+VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d{4}|nan) train_time:(\d+)ms step_avg:(\d+\.\d{2})ms$")
+TRAIN_LINE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:(\d+)ms step_avg:(\d+\.\d{2})ms$")
+
+
+def _prepare_module():
+    spec = importlib.util.spec_from_file_location("tinygpt_prepare", HERE / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_shard(path: Path) -> np.ndarray:
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    assert header[0] == 20240520 and header[1] == 1 and not header[3:].any()
+    tokens = np.fromfile(path, dtype="<u2", offset=1024)
+    assert len(tokens) == header[2] and path.stat().st_size == 1024 + 2 * header[2]
+    return tokens
+
+
+def shard_docs(paths: list[Path]) -> list[bytes]:
+    stream = np.concatenate([read_shard(p) for p in paths])
+    assert stream.max() < 256 and stream[0] == 0
+    return bytes(stream.astype(np.uint8)).split(b"\0")[1:]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """The real corpus (this Python's standard library), prepared once for the module."""
+    out = tmp_path_factory.mktemp("tinygpt") / "data"
+    subprocess.run([sys.executable, "prepare.py", "--out", str(out)], cwd=HERE, check=True, capture_output=True)
+    return out
+
+
+def train(tmp_path: Path, data: Path, text: str, *args: str) -> subprocess.CompletedProcess:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "train.py").write_text(text)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "train.py", "--data", str(data), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def val_losses(stdout: str) -> list[tuple[int, float]]:
+    return [(int(m[1]), float(m[3])) for m in map(VAL_LINE.match, stdout.splitlines()) if m]
+
+
+def test_prepare_writes_valid_disjoint_shards_and_is_idempotent(tmp_path: Path):
+    source = tmp_path / "lib"
+    for i in range(60):
+        (source / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
+        (source / f"pkg{i % 3}" / f"mod{i}.py").write_text(f"def f{i}():\n    return {i} * 'é'\n")
+    (source / "site-packages").mkdir()
+    (source / "site-packages" / "skipped.py").write_text("x = 1\n")
+    out = tmp_path / "data"
+    cmd = [sys.executable, "prepare.py", "--out", str(out), "--source", str(source)]
+    subprocess.run(cmd, cwd=HERE, check=True, capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == ["DONE", "train_000.bin", "val_000.bin"]
+    train_docs, val_docs = shard_docs([out / "train_000.bin"]), shard_docs([out / "val_000.bin"])
+    originals = {p.read_bytes() for p in source.rglob("*.py") if "site-packages" not in p.parts}
+    assert val_docs and set(train_docs).isdisjoint(val_docs)
+    assert set(train_docs) | set(val_docs) == originals and len(train_docs) + len(val_docs) == 60
+    mtime = (out / "train_000.bin").stat().st_mtime_ns
+    again = subprocess.run(cmd, cwd=HERE, check=True, capture_output=True, text=True)
+    assert "nothing to do" in again.stdout and (out / "train_000.bin").stat().st_mtime_ns == mtime
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_prepare_split_is_by_document_and_deterministic():
+    prep = _prepare_module()
+    docs = [(f"a/m{i}.py", f"x = {i}\n".encode()) for i in range(300)]
+    train1, val1 = prep.split(docs)
+    train2, val2 = prep.split(list(reversed(docs)))
+    assert (train1, val1) == (train2, val2)
+    assert 0.02 < len(val1) / len(docs) < 0.12 and set(train1).isdisjoint(val1)
+
+
+def test_real_corpus(data: Path):
+    assert (data / "DONE").exists()
+    train_paths = sorted(data.glob("train_*.bin"))
+    assert train_paths and sum(len(read_shard(p)) for p in train_paths) > 2_000_000
+    assert 100_000 < len(read_shard(data / "val_000.bin")) <= 2**20
+
+
+def test_baseline_prints_speedrun_lines(tmp_path: Path, data: Path):
+    run = train(tmp_path, data, (HERE / "train.py").read_text(), "--seed", "1", "--steps", "3")
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    vals = [VAL_LINE.match(x) for x in lines if "val_loss" in x]
+    assert all(vals) and [int(m[1]) for m in vals] == [0, 3] and all(m[2] == "3" for m in vals)
+    assert vals[0][4] == "0" and float(vals[1][3]) < float(vals[0][3])
+    assert [m[1] for m in map(TRAIN_LINE.match, lines) if m] == ["3"]
+    found = [m.groupdict() for m in re.finditer(SPEEDRUN_LINE, run.stdout)]
+    assert [f["step"] for f in found] == ["0", "3"]  # the readout sees validation lines only
+    again = train(tmp_path / "again", data, (HERE / "train.py").read_text(), "--seed", "1", "--steps", "3")
+    assert val_losses(again.stdout) == val_losses(run.stdout)  # same seed, same run
+
+
+def test_train_py_has_one_evolve_block_holding_the_knobs():
+    text = (HERE / "train.py").read_text()
+    assert len(outside_blocks(text)) == 2
+    block = text.split("EVOLVE-BLOCK-START")[1].split("EVOLVE-BLOCK-END")[0]
+    for name in ("def build_model", "def build_optimizers", "def lr_schedule", "def train_step", "PRESETS"):
+        assert name in block
+    for target in (load_target("tinygpt"), load_target("tinygpt-gpu")):
+        assert target.ideas_file == HERE / "ideas.toml"
+        for knob in target.knobs:
+            assert read_constant(block, knob.target_key) is not None, knob.name
+            check_markers("train.py", text, rewrite_constant(text, knob.target_key, knob.high))
+
+
+def test_every_idea_applies_and_runs(tmp_path: Path, data: Path):
+    base = (HERE / "train.py").read_text()
+    ideas = load_ideas(HERE / "ideas.toml")
+    assert len(ideas) >= 10
+
+    def smoke(idea):
+        text = apply_ideas({"train.py": base}, [idea])["train.py"]
+        check_markers("train.py", base, text)
+        return idea.name, train(tmp_path / idea.name, data, text, "--seed", "0", "--steps", "2")
+
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        for name, run in pool.map(smoke, ideas):
+            assert run.returncode == 0, f"{name}: {run.stderr[-2000:]}"
+            assert [s for s, _ in val_losses(run.stdout)] == [0, 2], name
+
+
+def test_compatible_ideas_stack_in_any_order(tmp_path: Path, data: Path):
+    base = {"train.py": (HERE / "train.py").read_text()}
+    ideas = load_ideas(HERE / "ideas.toml")
+    for a, b in itertools.permutations(ideas, 2):
+        if a.compatible(b):
+            check_markers("train.py", base["train.py"], apply_ideas(base, [a, b])["train.py"])
+        else:
+            with pytest.raises(EditError):
+                apply_ideas(base, [a, b])
+    # one greedy stack of mutually compatible ideas must still train
+    stack = []
+    for idea in ideas:
+        if all(idea.compatible(s) for s in stack):
+            stack.append(idea)
+    assert len(stack) >= len(ideas) - 2
+    run = train(tmp_path, data, apply_ideas(base, stack[::-1])["train.py"], "--steps", "2")
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_divergence_exits_nonzero_with_a_nan_line(tmp_path: Path, data: Path):
+    text = rewrite_constant((HERE / "train.py").read_text(), "LEARNING_RATE", 1e6)
+    text = rewrite_constant(text, "GRAD_CLIP", 0)
+    run = train(tmp_path, data, text, "--steps", "5")
+    assert run.returncode != 0
+    last = run.stdout.strip().splitlines()[-1]
+    assert VAL_LINE.match(last) and "val_loss:nan" in last
