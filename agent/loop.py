@@ -13,7 +13,6 @@ import math
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.baseline import Baseline, build_baseline, run_fidelity
@@ -21,9 +20,11 @@ from agent.candidates import Candidates, Record
 from agent.ladder import next_rung
 from agent.live import Live
 from agent.policy import STATE_KEY, Node, Policy
-from agent.proposal import Proposal, Proposer
+from agent.proposal import Proposer
 from agent.recorder import Recorder
+from agent.resume import INTERRUPTED, restore
 from agent.settings import LADDER, SearchSettings
+from agent.trials import Meter, Open, Pending, Summary
 from env.evaluate import RunSpec
 from env.pool import Pool
 from env.result import RunResult, Status
@@ -32,49 +33,7 @@ from runs_db.db import RunsDB
 from search_space.target import Target
 
 PRIORITY = {"baseline": 0, "confirm": 1, "full": 2, "short": 3, "smoke": 4}
-INTERRUPTED = "interrupted"
 NONE_STREAK = 8  # an arm that had nothing to offer this many times in a row is retired
-
-
-@dataclass
-class Pending:
-    """A trial waiting for a worker."""
-
-    commit: str
-    parent: str
-    rung: str
-    seeds: tuple[int, ...]
-    title: str
-    proposer: str
-    model: str | None = None
-    proposal: Proposal | None = None
-    arm: str | None = None
-    trial: int | None = None  # set when the trial already exists (confirm adding seeds)
-    changes: dict[str, str] | None = None  # a proposal not yet committed: committed when its trial starts
-
-
-@dataclass
-class Open:
-    """A started trial and its runs."""
-
-    number: int
-    pending: Pending
-    waiting: set[int]
-    results: dict[int, RunResult] = field(default_factory=dict)
-    worker_s: float = 0.0
-
-
-@dataclass
-class Summary:
-    trials: int = 0
-    best_commit: str | None = None
-    best_title: str = ""
-    best_speedup: float = 0.0
-    best_rung: str = ""
-    stopped_by: str = ""
-    dollars: float = 0.0
-    worker_hours: float = 0.0
-    confirmed: list[str] = field(default_factory=list)
 
 
 class Search:
@@ -95,69 +54,26 @@ class Search:
         self.open: dict[int, Open] = {}
         self.futures: dict[Future, tuple[str, str]] = {}
         self.baselines: dict[str, Baseline] = {}
-        self.baseline_pending: set[str] = set()
         self.values: dict[tuple[str, str], float] = {}  # (commit, rung) -> objective
         self.summary = Summary()
         self.none_streak: dict[str, int] = {}
-        self.controller_s: dict[int, float] = {}  # trial -> seconds the controller spent on it (benchmarks)
-        self.spans: list[tuple[float, float]] = []  # (start, end) of every run in its worker (benchmarks)
-        self.busy_s = 0.0  # main-thread time not spent waiting for runs (benchmarks)
-        self.waited = 0.0
-        self.idle: dict[str, float] = {}
+        self.meter = Meter()
         self.dry: dict[str, set[str]] = {}  # arm -> parents it had nothing left for
         self.started = time.time()
         self.recorder = Recorder()
         self.next_number = 0  # Optuna numbers trials 0, 1, 2, ... in the order this loop starts them
-        self.threads = ThreadPoolExecutor(max_workers=max(2, min(8, self.capacity + 1)), thread_name_prefix="propose")
+        self.threads = ThreadPoolExecutor(max_workers=max(2, min(8, self.capacity + 1)),
+                                          thread_name_prefix="propose")
 
     # --- queue
-    def _push(self, p: Pending) -> None:
-        heapq.heappush(self.queue, (PRIORITY["baseline" if p.proposer == "baseline" else p.rung], next(self.counter), p))
+    def push(self, p: Pending) -> None:
+        rank = PRIORITY["baseline" if p.proposer == "baseline" else p.rung]
+        heapq.heappush(self.queue, (rank, next(self.counter), p))
 
     def _runnable(self, p: Pending) -> bool:
         return p.proposer == "baseline" or p.rung == "smoke" or run_fidelity(p.rung) in self.baselines
 
-    # --- start-up and resume
-    def _restore(self) -> None:
-        trials = self.db.trials()
-        for t in self.db.stale_running():
-            self.db.mark_failed(t.number, INTERRUPTED)
-        trials = self.db.trials()
-        self.next_number = max((t.number for t in trials), default=-1) + 1
-        latest: dict[tuple[str, str], object] = {}
-        for t in trials:
-            latest[(t.commit, t.fidelity if t.proposer != "baseline" else "baseline:" + t.fidelity)] = t
-        base = self.db.base_commit
-        fids = self._baseline_fidelities()
-        # Workers that would idle until the baseline is known measure it with more seeds instead.
-        n_seeds = max(self.settings.seeds, min(self.settings.max_seeds, self.capacity // max(1, len(fids))))
-        for fid in fids:
-            t = latest.get((base, "baseline:" + fid))
-            if t is not None and t.state == "complete":
-                self.baselines[fid] = build_baseline(self.target, fid, self.db.runs(t.number))
-            else:
-                self.baseline_pending.add(fid)
-                self._push(Pending(base, "", fid, tuple(range(n_seeds)), "baseline", "baseline"))
-        for (commit, rung), t in sorted(latest.items(), key=lambda kv: kv[1].number):
-            if t.proposer == "baseline":
-                continue
-            if t.state == "complete" and t.value is not None:
-                self.values[(commit, rung)] = t.value
-            self.candidates.record(Record(commit, t.parent, t.title, t.proposer, rung, t.attrs.get("status", t.state),
-                                          t.value, t.attrs.get("speedup", 0.0), t.attrs.get("reason", "")))
-            if t.state == "fail" and t.attrs.get("reason") == INTERRUPTED:
-                self._push(Pending(commit, t.parent, rung, tuple(t.attrs.get("seeds", [0])), t.title, t.proposer,
-                                   t.model))
-            elif t.state in ("complete", "fail", "pruned") and rung in self.settings.ladder:
-                self._climb(commit, t.parent, rung, t.title, t.proposer, t.model, self.db.runs(t.number),
-                            t.value, resumed=latest)
-        tried = {t.commit for t in trials}
-        for commit, parent, title, proposer in self.db.candidates():
-            if commit not in tried:  # committed, then the controller died before its trial started
-                self._push(Pending(commit, parent, "smoke", (0,), title, proposer))
-        self.summary.trials = sum(1 for t in trials if t.proposer != "baseline")
-
-    def _baseline_fidelities(self) -> list[str]:
+    def baseline_fidelities(self) -> list[str]:
         return [f for f in ("short", "full") if f in self.target.fidelities
                 and LADDER.index(f) <= LADDER.index(self.settings.max_fidelity)]
 
@@ -220,7 +136,7 @@ class Search:
                 self.live.note(f"rejected {proposal.title[:60]}: {why}")
                 proposer.tell(proposal, None)
                 continue
-            self._push(Pending("", parent, "smoke", (0,), proposal.title, proposal.proposer, proposal.model,
+            self.push(Pending("", parent, "smoke", (0,), proposal.title, proposal.proposer, proposal.model,
                                proposal, arm, changes=changes))
 
     # --- runs
@@ -239,11 +155,9 @@ class Search:
                 if p.changes is not None and not self._commit(p):
                     continue
                 self.summary.trials += 1
-                self.controller_s[-1] = time.perf_counter() - t0  # charged to the trial _start opens
+                self.meter.charge(-1, t0)  # moved to the trial _start opens
             t0 = time.perf_counter()
-            number = self._start(p)
-            self.controller_s[number] = self.controller_s.get(number, 0.0) + self.controller_s.pop(-1, 0.0) \
-                + time.perf_counter() - t0
+            self.meter.charge(self._start(p), t0, self.meter.controller_s.pop(-1, 0.0))
         for item in blocked:
             heapq.heappush(self.queue, item)
 
@@ -284,14 +198,14 @@ class Search:
     def _collect_runs(self, timeout: float) -> None:
         t_wait = time.perf_counter()
         done = self.pool.wait(list(self.inflight), timeout=timeout)
-        self.waited += time.perf_counter() - t_wait
+        self.meter.waited += time.perf_counter() - t_wait
         for ref in done:
             t0 = time.perf_counter()
             number, seed = self.inflight.pop(ref)
             try:
                 finished = self.pool.get(ref)
                 result = finished.result
-                self.spans.append((finished.started, finished.ended, finished.worker))
+                self.meter.spans.append((finished.started, finished.ended, finished.worker))
                 self.recorder.call(self._record_run, number, result, finished.log_text)
             except Exception as e:  # the worker died and Ray gave up retrying
                 result = RunResult(Status.FAILED, reason=f"worker lost: {type(e).__name__}: {e}", seed=seed)
@@ -302,7 +216,7 @@ class Search:
             tr.waiting.discard(seed)
             if not tr.waiting:
                 self._finish(tr)
-            self.controller_s[number] = self.controller_s.get(number, 0.0) + time.perf_counter() - t0
+            self.meter.charge(number, t0)
 
     def _finish(self, tr: Open) -> None:
         p, runs = tr.pending, [tr.results[s] for s in sorted(tr.results)]
@@ -310,21 +224,21 @@ class Search:
         if p.proposer == "baseline":
             try:
                 self.baselines[fid] = build_baseline(self.target, fid, runs)
-                self.baseline_pending.discard(fid)
                 value, state = self.baselines[fid].value, "complete"
             except RuntimeError as e:
                 self.open.pop(tr.number, None)
                 self.recorder.call(self.db.finish_trial, tr.number, None, runs, {"reason": str(e)}, "fail")
                 raise
             self.open.pop(tr.number, None)
-            self.recorder.call(self.db.finish_trial, tr.number, value, runs, {"baseline": self.baselines[fid].band.to_dict(),
-                                                          "target_loss": self.baselines[fid].target_loss,
-                                                          "worker_seconds": tr.worker_s}, state)
+            b = self.baselines[fid]
+            attrs = {"baseline": b.band.to_dict(), "target_loss": b.target_loss, "worker_seconds": tr.worker_s}
+            self.recorder.call(self.db.finish_trial, tr.number, value, runs, attrs, state)
             self.live.finished(tr.number, p, "ok", value, 1.0, self.baselines[fid].band.final_loss)
             return
         base = self.baselines.get(fid)
         ok = all(r.status == Status.OK for r in runs)
-        value = objective(self.target.objective, runs, base.target_loss) if (ok and base and p.rung != "smoke") else None
+        measured = ok and base is not None and p.rung != "smoke"
+        value = objective(self.target.objective, runs, base.target_loss) if measured else None
         if ok and p.rung == "smoke":
             value = math.inf  # smoke proves the candidate runs; it does not measure the objective
         speedup = base.speedup(value) if base and p.rung != "smoke" else 0.0
@@ -333,10 +247,10 @@ class Search:
         attrs = {"speedup": speedup, "worker_seconds": tr.worker_s,
                  "gpu_seconds": tr.worker_s * self.target.resources.gpus,
                  "reason": (worst.reason[:2000] if worst else ""), "status": worst.status.value if worst else "ok"}
-        nxt = self._climb(p.commit, p.parent, p.rung, p.title, p.proposer, p.model, runs, value, pending=p,
+        nxt = self.climb(p.commit, p.parent, p.rung, p.title, p.proposer, p.model, runs, value, pending=p,
                           attrs=attrs)
         if nxt is not None and nxt.extend:
-            self._push(Pending(p.commit, p.parent, "confirm", nxt.seeds, p.title, p.proposer, p.model,
+            self.push(Pending(p.commit, p.parent, "confirm", nxt.seeds, p.title, p.proposer, p.model,
                                trial=tr.number))
             return  # the confirm trial stays open until the t-test answers
         self.open.pop(tr.number, None)
@@ -351,7 +265,7 @@ class Search:
         self.live.finished(tr.number, p, worst.status.value if worst else "ok", value, speedup, loss)
         self._update_best(p, speedup)
 
-    def _climb(self, commit, parent, rung, title, proposer, model, runs, value, pending=None, attrs=None,
+    def climb(self, commit, parent, rung, title, proposer, model, runs, value, pending=None, attrs=None,
                resumed=None):
         fid = run_fidelity(rung)
         base = self.baselines.get(fid)
@@ -376,7 +290,7 @@ class Search:
         if nxt.rung and not nxt.extend:
             if resumed is not None and (commit, nxt.rung) in resumed:
                 return nxt
-            self._push(Pending(commit, parent, nxt.rung, nxt.seeds, title, proposer, model))
+            self.push(Pending(commit, parent, nxt.rung, nxt.seeds, title, proposer, model))
         return nxt
 
     def _update_best(self, p: Pending, speedup: float) -> None:
@@ -407,8 +321,8 @@ class Search:
             return "minutes"
         if s.budget_dollars and self.summary.dollars >= s.budget_dollars:
             return "dollars"
-        if s.budget_gpu_hours and self.target.resources.gpus and self.summary.worker_hours * self.target.resources.gpus \
-                >= s.budget_gpu_hours:
+        gpu_hours = self.summary.worker_hours * self.target.resources.gpus
+        if s.budget_gpu_hours and gpu_hours >= s.budget_gpu_hours:
             return "gpu-hours"
         return ""
 
@@ -418,7 +332,7 @@ class Search:
 
     # --- main
     def run(self) -> Summary:
-        self._restore()
+        restore(self)
         try:
             with self.live:
                 while True:
@@ -429,14 +343,9 @@ class Search:
                     self._collect_proposals()
                     self._dispatch()
                     free = self.capacity - len(self.inflight)
-                    if free > 0:  # slot-seconds left free, and why (benchmarks)
-                        dt = time.perf_counter() - t_iter
-                        key = "lag" if any(self._runnable(p) for *_, p in self.queue) else "starved"
-                        self.idle[key] = self.idle.get(key, 0.0) + free * dt
+                    self.meter.iteration(t_iter, free, free > 0 and not any(self._runnable(p) for *_, p in self.queue))
                     if self.recorder.error is not None:
                         self.recorder.flush()  # raises the failed write
-                    self.busy_s += time.perf_counter() - t_iter - self.waited
-                    self.waited = 0.0
                     hit = self._budget_hit()
                     if hit == "minutes":
                         self.summary.stopped_by = hit
