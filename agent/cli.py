@@ -44,21 +44,32 @@ def evaluate(
     seed: int = typer.Option(0),
     fidelity: str = typer.Option("full", help="smoke | short | full"),
     sandbox: str = typer.Option("process", help="process | docker"),
+    gpus: int | None = typer.Option(None, help="GPUs for the run, overriding the target's ({nproc} follows)"),
     run_root: Path | None = typer.Option(None, help="where run folders go (default: the cache)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Run one candidate once and report what happened."""
+    from dataclasses import replace
+
     from env.evaluate import RunSpec, make_sandbox
     from env.evaluate import evaluate as run_one
+    from env.gpus import local_gpu_ids
 
     t = _target(target)
+    if gpus is not None:
+        t = replace(t, resources=replace(t.resources, gpus=gpus))
+    try:
+        gpu_ids = local_gpu_ids(t.resources.gpus)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     if fidelity not in t.fidelities:
         console.print(f"[red]--fidelity {fidelity}:[/red] target {t.name} has {', '.join(t.fidelities)}")
         raise typer.Exit(2)
     if sandbox not in ("process", "docker"):
         console.print(f"[red]--sandbox {sandbox}:[/red] use process or docker")
         raise typer.Exit(2)
-    spec = RunSpec(t, seed=seed, fidelity=fidelity, patch=patch.read_text() if patch else None)
+    spec = RunSpec(t, seed=seed, fidelity=fidelity, patch=patch.read_text() if patch else None, gpu_ids=gpu_ids)
     with console.status(f"running {t.name} seed {seed} at {fidelity} ({t.steps(fidelity)} steps)"):
         result = run_one(spec, make_sandbox(sandbox, t), run_root or cache_dir() / "runs")
     out = result.to_dict()

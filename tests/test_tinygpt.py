@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import itertools
 import os
 import re
+import runpy
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,23 @@ def train(tmp_path: Path, data: Path, text: str, *args: str) -> subprocess.Compl
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "train.py", "--data", str(data), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
+
+
+def train_here(tmp_path: Path, data: Path, text: str, *args: str) -> tuple[int, str]:
+    """Run a trainer variant inside this process (no torch import per run): (exit status, stdout)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "train.py").write_text(text)
+    out, argv = io.StringIO(), sys.argv
+    sys.argv = ["train.py", "--data", str(data), *args]
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(str(tmp_path / "train.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, out.getvalue()
 
 
 def val_losses(stdout: str) -> list[tuple[int, float]]:
@@ -135,15 +154,11 @@ def test_every_idea_applies_and_runs(tmp_path: Path, data: Path):
     ideas = load_ideas(HERE / "ideas.toml")
     assert len(ideas) >= 10
 
-    def smoke(idea):
+    for idea in ideas:
         text = apply_ideas({"train.py": base}, [idea])["train.py"]
         check_markers("train.py", base, text)
-        return idea.name, train(tmp_path / idea.name, data, text, "--seed", "0", "--steps", "2")
-
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        for name, run in pool.map(smoke, ideas):
-            assert run.returncode == 0, f"{name}: {run.stderr[-2000:]}"
-            assert [s for s, _ in val_losses(run.stdout)] == [0, 2], name
+        code, stdout = train_here(tmp_path / idea.name, data, text, "--seed", "0", "--steps", "2")
+        assert code == 0 and [s for s, _ in val_losses(stdout)] == [0, 2], f"{idea.name}: {stdout[-1000:]}"
 
 
 def test_compatible_ideas_stack_in_any_order(tmp_path: Path, data: Path):
@@ -161,8 +176,8 @@ def test_compatible_ideas_stack_in_any_order(tmp_path: Path, data: Path):
         if all(idea.compatible(s) for s in stack):
             stack.append(idea)
     assert len(stack) >= len(ideas) - 2
-    run = train(tmp_path, data, apply_ideas(base, stack[::-1])["train.py"], "--steps", "2")
-    assert run.returncode == 0, run.stderr[-2000:]
+    code, stdout = train_here(tmp_path, data, apply_ideas(base, stack[::-1])["train.py"], "--steps", "2")
+    assert code == 0 and len(val_losses(stdout)) == 2
 
 
 def test_divergence_exits_nonzero_with_a_nan_line(tmp_path: Path, data: Path):

@@ -9,6 +9,7 @@ HERE = Path(__file__).parent
 BUILTINS = {
     "tinygpt": "tinygpt/target.toml",
     "tinygpt-gpu": "tinygpt/target-gpu.toml",
+    "tinygpt-ddp": "tinygpt/target-ddp.toml",
 }
 
 

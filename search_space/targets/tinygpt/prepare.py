@@ -105,9 +105,11 @@ def build(out: Path, source: Path) -> dict:
         info = {
             "source": "python stdlib .py files", "python": sys.version.split()[0], "files": len(docs),
             "train_docs": len(train), "val_docs": len(val),
-            "train_tokens": int(len(train_toks)), "val_tokens": int(sum(len(d) + 1 for d in val)),
+            "train_tokens": len(train_toks), "val_tokens": int(sum(len(d) + 1 for d in val)),
         }
         (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n")
+        if (out / MARKER).exists():  # another process finished first
+            return info
         if out.exists():  # an incomplete earlier attempt
             shutil.rmtree(out)
         try:

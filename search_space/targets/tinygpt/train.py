@@ -1,6 +1,6 @@
 """tinygpt: a deliberately plain GPT trainer (the 2024 llm.c starting point) for speedsearch.
 
-    python train.py --seed 0 --steps 400 --data DIR [--preset cpu|gpu]
+    python train.py --seed 0 --steps 300 --data DIR [--preset cpu|gpu]
 
 The EVOLVE block below (hyperparameters, model, optimizers, schedule, training step) is what a
 search may change. Everything outside it is frozen: arguments, seeding, data loading, the fixed
@@ -13,9 +13,9 @@ validation set and its loss, timing and logging. The block must define:
 
 `cfg` carries the preset's entries plus preset, device, vocab_size, val_seq_len (the model must
 accept sequences that long), total_steps and seed. `next_batch(B, T)` returns (x, y) on the
-device: B random windows of T training tokens and their next tokens. On CUDA the model is
-compiled and a few untimed warm-up steps run first; the model and optimizer states are then
-restored, so train_step must keep its state in those two.
+device: B random windows of T training tokens and their next tokens. On CUDA, train_step and
+validation run under bf16 autocast, the model is compiled, and a few untimed warm-up steps run
+first; the model and optimizer states are then restored, so train_step must keep its state there.
 """
 
 import argparse
@@ -32,7 +32,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # EVOLVE-BLOCK-START
 LEARNING_RATE = 1e-3  # AdamW peak learning rate
@@ -223,8 +225,15 @@ def main():
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Under torchrun: one process per GPU, gradients averaged by DDP, rank 0 logs.
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    say = print if rank == 0 else (lambda *a, **k: None)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -240,10 +249,14 @@ def main():
     opts = build_optimizers(raw_model, cfg)
     model = raw_model
     n_params = sum(p.numel() for p in raw_model.parameters())
-    print(f"tinygpt preset:{args.preset} device:{device} params:{n_params} steps:{total} seed:{args.seed}", flush=True)
+    say(f"tinygpt preset:{args.preset} device:{device} params:{n_params} steps:{total} seed:{args.seed} "
+        f"world:{world}", flush=True)
+    if world > 1:
+        model = DDP(raw_model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
 
     if device == "cuda":  # compile outside the timed region, then start again from the initial state
-        model = torch.compile(raw_model)
+        t_compile = time.perf_counter()
+        model = torch.compile(model)
         saved = copy.deepcopy(raw_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts]
         warm_data = TrainData(train_paths, args.seed + 1, device)
         for step in range(CUDA_WARMUP_STEPS):
@@ -254,7 +267,8 @@ def main():
         for opt, state in zip(opts, saved[1]):
             opt.load_state_dict(state)
         torch.cuda.synchronize()
-    data = TrainData(train_paths, args.seed, device)
+        say(f"compile_and_warmup_s:{time.perf_counter() - t_compile:.1f}", flush=True)
+    data = TrainData(train_paths, args.seed + 7919 * rank, device)  # each rank its own windows
 
     def sync():
         if device == "cuda":
@@ -270,7 +284,7 @@ def main():
             sync()
             train_ms += 1000 * (time.perf_counter() - t0) if step else 0.0
             val_loss = evaluate(model, val_windows, run["val_batch"], autocast)
-            print(line(step, "val_loss", val_loss, train_ms), flush=True)
+            say(line(step, "val_loss", val_loss, train_ms), flush=True)
             if not math.isfinite(val_loss):
                 sys.exit(1)
             t0 = time.perf_counter()
@@ -281,10 +295,13 @@ def main():
         if (step + 1) % run["log_every"] == 0 or step + 1 == total:
             train_loss = loss.item()  # waits for the device
             elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-            print(line(step + 1, "train_loss", train_loss, elapsed), flush=True)
+            say(line(step + 1, "train_loss", train_loss, elapsed), flush=True)
             if not math.isfinite(train_loss):
-                print(line(step + 1, "val_loss", float("nan"), elapsed), flush=True)
+                say(line(step + 1, "val_loss", float("nan"), elapsed), flush=True)
                 sys.exit(1)
+    if world > 1:
+        dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     main()
