@@ -29,7 +29,7 @@ PY
 run gpu_full_s0 --target tinygpt-gpu --seed 0 --fidelity full
 run gpu_full_s1 --target tinygpt-gpu --seed 1 --fidelity full
 run ddp_full_s0 --target tinygpt-ddp --seed 0 --fidelity full
-timeout 240 python3 -m bench.gpu_pool --target tinygpt-gpu --runs 2 >> "$out/gpu_results.txt" 2>&1
+[ -n "${SKIP_POOL:-}" ] || timeout 240 python3 -m bench.gpu_pool --target tinygpt-gpu --runs 2 >> "$out/gpu_results.txt" 2>&1
 mv "$out"/*.log "$out/logs/" 2>/dev/null
 tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"
 cat "$out/gpu_results.txt"
