@@ -121,18 +121,25 @@ class Ratio:
     n: int
 
 
-def timing_ratio(candidate_ms: list[float], baseline_ms: list[float], confidence: float = 0.95) -> Ratio:
-    """Paired when the lists have equal length (runs interleaved on one machine), else unpaired."""
+def timing_ratio(candidate_ms: list[float], baseline_ms: list[float], confidence: float = 0.95,
+                 paired: bool = True) -> Ratio:
+    """candidate / baseline as a ratio of geometric means, with a t interval on log times.
+
+    Paired when asked and the lists have equal length (runs interleaved on one machine); otherwise
+    Welch's unequal-variance interval.
+    """
     c, b = np.log(candidate_ms), np.log(baseline_ms)
-    if len(c) == len(b) and len(c) > 1:
+    if paired and len(c) == len(b) and len(c) > 1:
         d = c - b
-        m, se, n = d.mean(), d.std(ddof=1) / math.sqrt(len(d)), len(d)
+        m, se, df = d.mean(), d.std(ddof=1) / math.sqrt(len(d)), len(d) - 1
     else:
         m = c.mean() - b.mean()
-        se = math.sqrt((c.var(ddof=1) / len(c) if len(c) > 1 else 0) + (b.var(ddof=1) / len(b) if len(b) > 1 else 0))
-        n = min(len(c), len(b))
-    t = stats.t.ppf(0.5 + confidence / 2, max(n - 1, 1)) if se > 0 else 0.0
-    return Ratio(math.exp(m), math.exp(m - t * se), math.exp(m + t * se), n)
+        vc = c.var(ddof=1) / len(c) if len(c) > 1 else 0.0
+        vb = b.var(ddof=1) / len(b) if len(b) > 1 else 0.0
+        se = math.sqrt(vc + vb)
+        df = (vc + vb) ** 2 / (vc**2 / max(len(c) - 1, 1) + vb**2 / max(len(b) - 1, 1)) if se > 0 else 1
+    t = stats.t.ppf(0.5 + confidence / 2, max(df, 1)) if se > 0 else 0.0
+    return Ratio(math.exp(m), math.exp(m - t * se), math.exp(m + t * se), min(len(c), len(b)))
 
 
 def decide(losses: list[float], target_loss: float, alpha: float = 0.01, max_seeds: int = 8) -> str:

@@ -24,9 +24,9 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
-from scipy import stats
-
 from env.result import RunResult, Status
+from env.stats import loss_pvalue
+from env.stats import timing_ratio as stats_timing_ratio
 from runs_db.db import RunsDB
 from runs_db.plots import plot_loss_curves
 from search_space.target import FIDELITY_ORDER, Target
@@ -93,33 +93,22 @@ def statistics(runs: list[RunResult], baseline: list[RunResult], target_loss: fl
                      **_moments("val_loss", [r.final.val_loss for r in rs]),
                      **_moments("train_ms", [r.final.train_ms for r in rs])}
     losses = out["candidate"]["val_loss"]
-    p = None
-    if target_loss is not None and len(losses) >= 2:
-        p = float(stats.ttest_1samp(losses, target_loss, alternative="less").pvalue)
+    p = loss_pvalue(losses, target_loss) if target_loss is not None and len(losses) >= 2 else None
     out["p_value"] = p if p is not None and math.isfinite(p) else None
     out["timing_ratio"] = timing_ratio(out["candidate"]["train_ms"], out["baseline"]["train_ms"])
     return out
 
 
 def timing_ratio(cand_ms: list[float], base_ms: list[float], level: float = 0.95) -> dict[str, Any] | None:
-    """Candidate / baseline train time as a ratio of geometric means; Welch CI on log times."""
-    cand = [math.log(x) for x in cand_ms if x > 0]
-    base = [math.log(x) for x in base_ms if x > 0]
+    """Candidate / baseline train time as a ratio of geometric means; Welch CI on log times
+    (the record's runs were not interleaved pairs)."""
+    cand, base = [x for x in cand_ms if x > 0], [x for x in base_ms if x > 0]
     if not cand or not base:
         return None
-    d = mean(cand) - mean(base)
-    out: dict[str, Any] = {"estimate": math.exp(d), "speedup": math.exp(-d), "ci_low": None,
-                           "ci_high": None, "level": level, "method": "Welch t on log train time"}
-    if len(cand) >= 2 and len(base) >= 2:
-        vc, vb = stdev(cand) ** 2 / len(cand), stdev(base) ** 2 / len(base)
-        se = math.sqrt(vc + vb)
-        if se > 0:
-            df = (vc + vb) ** 2 / (vc**2 / (len(cand) - 1) + vb**2 / (len(base) - 1))
-            q = float(stats.t.ppf(0.5 + level / 2, df))
-        else:
-            q = 0.0
-        out["ci_low"], out["ci_high"] = math.exp(d - q * se), math.exp(d + q * se)
-    return out
+    r = stats_timing_ratio(cand, base, level, paired=False)
+    both = len(cand) >= 2 and len(base) >= 2
+    return {"estimate": r.ratio, "speedup": 1 / r.ratio, "ci_low": r.low if both else None,
+            "ci_high": r.high if both else None, "level": level, "method": "Welch t on log train time"}
 
 
 def _moments(key: str, xs: list[float]) -> dict[str, float | None]:
