@@ -47,7 +47,7 @@ class Live:
 
     def _line(self, text: str) -> None:
         if self.enabled and self._live is None:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     def started(self, number: int, p) -> None:
         self.rows[number] = {"title": p.title, "proposer": p.proposer, "rung": p.rung, "status": "running",

@@ -47,10 +47,14 @@ def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
             "fidelity": r["fidelity"], "verdict": r.get("verdict")}
 
 
-def candidates_table(rows: list[dict[str, Any]], title: str) -> Table:
+COLUMNS = (("trial", 5), ("rung", 7), ("title", 0), ("proposer", 8), ("speed-up", 8), ("verdict", 7), ("commit", 10))
+
+
+def candidates_table(rows: list[dict[str, Any]], title: str, width: int = 120) -> Table:
     table = Table(title=title)
-    for col in ("trial", "rung", "title", "proposer", "speed-up", "verdict", "commit"):
-        table.add_column(col, overflow="ellipsis", max_width=60 if col == "title" else None)
+    room = max(16, min(60, width - sum(w + 3 for _, w in COLUMNS) - 4))  # the title takes what is left
+    for col, w in COLUMNS:
+        table.add_column(col, overflow="ellipsis", no_wrap=True, min_width=w or None, max_width=room if not w else None)
     top = sorted((r for r in rows if r["proposer"] != "baseline" and r["state"] == "complete"
                   and (r.get("speedup") or 0) > 0 and r["fidelity"] != "smoke"),
                  key=lambda r: (-LADDER.index(r["fidelity"]), -(r["speedup"] or 0)))[:TOP]
@@ -64,15 +68,31 @@ def print_status(data: dict[str, Any], console: Console) -> None:
     for fid, b in data["baseline"].items():
         console.print(f"baseline @ {fid}: target loss {b['target_loss']:.4f}, objective {b['objective']}")
     console.print(f"trials: {data['counts']}")
-    console.print(candidates_table(data["trials"], f"best candidates in {data['dir']}"))
+    console.print(candidates_table(data["trials"], f"best candidates in {data['dir']}", console.width))
     best = data["best"]
     console.print(f"best: {best['title']} ({best['speedup']:.3f}x at {best['fidelity']}, commit {best['commit'][:10]})"
                   if best else "best: none beats the baseline yet")
 
 
+def plots(db: RunsDB, data: dict[str, Any]) -> list[str]:
+    """Draw the search's progress and the best candidate's loss curves; lines saying where they are."""
+    from runs_db.plots import plot_progress
+
+    points = [(r["number"], r["fidelity"], r["speedup"]) for r in data["trials"]
+              if r["proposer"] != "baseline" and r["state"] == "complete" and r.get("speedup")]
+    out = []
+    if path := plot_progress(points, db.dir / "progress.png", f"speedsearch: {data['study']}"):
+        out.append(f"progress plot: {path}")
+    if data["best"] and (path := db.plot(data["best"]["number"])):
+        out.append(f"best candidate's loss curves: {path}")
+    return out
+
+
 def print_summary(db: RunsDB, summary, console: Console) -> None:
     data = status_dict(db)
     print_status(data, console)
+    for line in plots(db, data):
+        console.print(line)
     console.print(f"stopped: {summary.stopped_by}; {summary.trials} candidate trials; "
                   f"{summary.worker_hours:.2f} worker-hours; LLM ${summary.dollars:.2f}")
     console.print(f"search folder: {db.dir}  (speedsearch status --dir {db.dir}; "

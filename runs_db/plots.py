@@ -75,3 +75,39 @@ def _zoom(ax, runs: Sequence[RunResult], target_loss: float | None) -> None:
     high = max(c[min(len(c) - 1, len(c) // 10)] for c in curves)
     span = max(high - low, 1e-3)
     ax.set_ylim(low - 0.05 * span, high + 0.05 * span)
+
+
+def plot_progress(points: Sequence[tuple[int, str, float]], path: Path, title: str = "") -> Path | None:
+    """Speed-up over the baseline per trial (one marker per rung) and the best so far at `full`
+    or above. `points` are (trial number, rung, speed-up); returns the PNG's path."""
+    if not points:
+        return None
+    rungs = ("short", "full", "confirm")
+    fig = Figure(figsize=(9, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for rung, marker in zip(rungs, ("o", "s", "*"), strict=True):
+        xs = [n for n, r, _ in points if r == rung]
+        ys = [s for _, r, s in points if r == rung]
+        if xs:
+            ax.scatter(xs, ys, marker=marker, s=40 if marker == "*" else 18, alpha=0.7, label=rung)
+    best, line = 0.0, []
+    for n, r, s in sorted(points):
+        if r in ("full", "confirm"):
+            best = max(best, s)
+        line.append((n, best))
+    if any(b for _, b in line):
+        ax.step([n for n, _ in line], [b for _, b in line], where="post", color="black", linewidth=1,
+                label="best at full or confirm")
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("speed-up over the baseline")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title[:120], fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
