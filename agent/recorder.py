@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -19,6 +20,7 @@ class Recorder:
         self._thread = threading.Thread(target=self._work, name="recorder", daemon=True)
         self._thread.start()
         self.error: BaseException | None = None
+        self.busy_s = 0.0  # time spent writing (benchmarks)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Future:
         fut: Future = Future()
@@ -28,12 +30,14 @@ class Recorder:
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             fn, args, fut = item
+            t0 = time.perf_counter()
             try:
                 fut.set_result(fn(*args))
             except BaseException as e:  # kept for the loop to raise: a lost record must not pass silently
                 self.error = self.error or e
                 fut.set_exception(e)
             finally:
+                self.busy_s += time.perf_counter() - t0
                 self._queue.task_done()
         self._queue.task_done()
 

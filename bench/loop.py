@@ -90,6 +90,8 @@ def main() -> None:
          "< 50 ms " + ("PASS" if np.median(per_trial) < 50 else "FAIL")),
         ("controller per trial, p90", f"{np.percentile(per_trial, 90):.1f} ms", ""),
         ("controller main thread, total / trial", f"{1000 * meter.busy_s / max(1, len(per_trial)):.1f} ms", ""),
+        ("recorder thread (database writes) / trial", f"{1000 * search.recorder.busy_s / max(1, len(per_trial)):.1f} ms",
+         ""),
         ("workers busy, until the last dispatch", f"{100 * busy_steady:.2f} %",
          ">= 98 % " + ("PASS" if busy_steady >= 0.98 else "FAIL")),
         ("workers busy, whole run", f"{100 * busy_fraction(meter.spans, args.workers):.2f} %", ""),
