@@ -31,8 +31,8 @@ LAUNCH = textwrap.dedent('''
     print("NPROC=%d VISIBLE=%s NVLS=%s RANKS=%s" % (a.nproc, os.environ.get("CUDA_VISIBLE_DEVICES"),
           os.environ.get("NCCL_NVLS_ENABLE"), ",".join(str(r.pid) for r in ranks)), flush=True)
     for step in range(a.steps + 1):
-        print("step:%d/%d val_loss:%.4f train_time:%dms step_avg:1.00ms" % (step, a.steps, 4 - step / a.steps, step * 50),
-              flush=True)
+        loss = 4 - step / a.steps
+        print("step:%d/%d val_loss:%.4f train_time:%dms step_avg:1.00ms" % (step, a.steps, loss, step * 50), flush=True)
         time.sleep(600 if a.hang and step == 1 else 0.05)
     for r in ranks:
         r.kill()

@@ -45,7 +45,8 @@ TRAIN = textwrap.dedent('''
                 loss = float("nan")
             if MODE == "lie" and step > 0:
                 ms = 1.0
-            print(f"step:{step}/{args.steps} val_loss:{loss:.4f} train_time:{ms:.0f}ms step_avg:{ms / max(step, 1):.2f}ms",
+            avg = ms / max(step, 1)
+            print(f"step:{step}/{args.steps} val_loss:{loss:.4f} train_time:{ms:.0f}ms step_avg:{avg:.2f}ms",
                   flush=True)
             if MODE == "nan" and step > 0:
                 sys.exit(1)
