@@ -68,3 +68,27 @@ def test_launch_then_status_json(tmp_path: Path):
     for key in ("number", "commit", "parent", "proposer", "title", "state", "value", "fidelity"):
         assert key in t
     assert len([t for t in data["trials"] if t["proposer"] != "baseline"]) == 6
+
+
+def test_replay_and_export(tmp_path: Path):
+    toy = make_toy(tmp_path / "toy", sleep=0.01)
+    d = tmp_path / "search"
+    out = cli("launch", "--dir", str(d), "--target", str(toy.source), "--proposers", "ideas", "--seeds", "2",
+              "--workers", "2", "--max-fidelity", "full")
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = json.loads(cli("status", "--dir", str(d), "--json").stdout)
+    assert data["best"] is not None, data["trials"]
+    commit = data["best"]["commit"]
+    out = cli("replay", "--dir", str(d), "--commit", commit[:10], "--seeds", "3")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "t-test p =" in out.stdout and "time ratio candidate/base" in out.stdout
+    data = json.loads(cli("status", "--dir", str(d), "--json").stdout)
+    replays = [t for t in data["trials"] if t["proposer"] in ("replay", "replay-baseline")]
+    assert len(replays) == 2 and all(t["state"] == "complete" for t in replays)
+    export = ("export", "--dir", str(d), "--commit", commit[:10], "--name", "DoubleRate", "--out", str(tmp_path / "x"))
+    out = cli(*export)
+    assert out.returncode == 0, out.stdout + out.stderr
+    record = next((tmp_path / "x" / "records").glob("*_DoubleRate"))
+    assert (record / "README.md").exists() and (record / "pr.md").exists()
+    again = cli(*export)  # the record exists already: refused, nothing overwritten
+    assert again.returncode == 2 and "error" in again.stderr

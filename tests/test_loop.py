@@ -103,7 +103,7 @@ def test_resume_after_sigkill(tmp_path: Path):
     completed_before: dict[int, float] = {}
     while time.time() < deadline:  # kill once some candidate trials have completed
         time.sleep(1.0)
-        if (d / "study.db").exists():
+        if (d / "search.toml").exists():  # written last: the search exists whole
             with RunsDB.open(d) as db:
                 done = {t.number: t.value for t in db.trials() if t.state == "complete" and t.proposer != "baseline"}
             if len(done) >= 3:
