@@ -48,6 +48,6 @@ def build_baseline(target: Target, fidelity: str, runs: list[RunResult]) -> Base
         target_loss = band.final_loss
     value = objective(target.objective, ok, target_loss)
     if value is None or math.isinf(value):
-        # a numeric target the base does not reach: judge candidates against the base's own time
-        value = objective("loss_at_budget", ok, target_loss) if target.objective == "loss_at_budget" else band.total_ms
+        # a numeric target the base does not reach: judge candidates against the base's whole run
+        value = band.steps[-1] if target.objective == "steps_to_target" else band.total_ms
     return Baseline(fidelity, band, target_loss, float(value), len(ok))
