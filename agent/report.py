@@ -66,7 +66,8 @@ def candidates_table(rows: list[dict[str, Any]], title: str, width: int = 120) -
 
 def print_status(data: dict[str, Any], console: Console) -> None:
     for fid, b in data["baseline"].items():
-        console.print(f"baseline @ {fid}: target loss {b['target_loss']:.4f}, objective {b['objective']}")
+        value = f"{b['objective']:.1f}" if b["objective"] is not None else "-"
+        console.print(f"baseline @ {fid}: target loss {b['target_loss']:.4f}, objective {value}")
     console.print(f"trials: {data['counts']}")
     console.print(candidates_table(data["trials"], f"best candidates in {data['dir']}", console.width))
     best = data["best"]
