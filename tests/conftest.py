@@ -6,14 +6,9 @@ import uuid as _rdb_uuid  # noqa: E402
 
 import pytest as _rdb_pytest  # noqa: E402
 
-try:
-    from tests.pg import ENV_URL as _PG_ENV_URL
-    from tests.pg import PgServer as _PgServer
-    from tests.pg import PgUnavailable as _PgUnavailable
-except ImportError:  # tests/ itself on sys.path
-    from pg import ENV_URL as _PG_ENV_URL
-    from pg import PgServer as _PgServer
-    from pg import PgUnavailable as _PgUnavailable
+from tests.pg import ENV_URL as _PG_ENV_URL
+from tests.pg import PgServer as _PgServer
+from tests.pg import PgUnavailable as _PgUnavailable
 
 
 @_rdb_pytest.fixture(scope="session")

@@ -15,11 +15,7 @@ from agent.proposers.llm import LLMConfigError, LLMProposer
 from search_space.edits import Edit, apply_edits
 from search_space.rules import check_change
 from search_space.target import parse_target
-
-try:
-    from tests.fake_anthropic import FakeAnthropic, Reply
-except ImportError:  # tests/ itself on sys.path
-    from fake_anthropic import FakeAnthropic, Reply
+from tests.fake_anthropic import FakeAnthropic, Reply
 
 KEY = "sk-ant-test-0123456789"
 TRAIN = """\
