@@ -275,8 +275,6 @@ class Search:
                         self.settings.seeds, self.settings.max_seeds)
         if attrs is not None and nxt.verdict:
             attrs["verdict"] = nxt.verdict
-            if nxt.verdict == "pass":
-                self.summary.confirmed.append(commit)
         if pending is not None and pending.arm and rung in ("smoke", "short"):
             if rung == "short" or nxt.rung is None:  # the bandit's reward: did it beat its parent at short?
                 parent_value = self.values.get((parent, "short"))

@@ -51,7 +51,6 @@ class Summary:
     stopped_by: str = ""
     dollars: float = 0.0
     worker_hours: float = 0.0
-    confirmed: list[str] = field(default_factory=list)
 
 
 @dataclass

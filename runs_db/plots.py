@@ -55,11 +55,7 @@ def plot_loss_curves(candidate: Sequence[RunResult], baseline: Sequence[RunResul
     by_step.legend(loc="upper right", fontsize=8)
     if title:
         fig.suptitle(title[:120], fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _save(fig, path)
 
 
 def _zoom(ax, runs: Sequence[RunResult], target_loss: float | None) -> None:
@@ -106,6 +102,10 @@ def plot_progress(points: Sequence[tuple[int, str, float]], path: Path, title: s
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title[:120], fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,12 +52,17 @@ def test_targets_lists_builtins():
     assert out.returncode == 0 and "tinygpt" in out.stdout and "tinygpt-gpu" in out.stdout
 
 
-def test_launch_then_status_json(tmp_path: Path):
+def launch_toy(tmp_path: Path, *args: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """A search on the toy target with 2 seeds and 2 workers; returns its folder and the launch."""
     toy = make_toy(tmp_path / "toy", sleep=0.01)
     d = tmp_path / "search"
-    out = cli("launch", "--dir", str(d), "--target", str(toy.source), "--seeds", "2", "--budget-trials", "6",
-              "--workers", "2", "--max-fidelity", "short")
+    out = cli("launch", "--dir", str(d), "--target", str(toy.source), "--seeds", "2", "--workers", "2", *args)
     assert out.returncode == 0, out.stdout + out.stderr
+    return d, out
+
+
+def test_launch_then_status_json(tmp_path: Path):
+    d, out = launch_toy(tmp_path, "--budget-trials", "6", "--max-fidelity", "short")
     assert "stopped:" in out.stdout
     status = cli("status", "--dir", str(d), "--json")
     data = json.loads(status.stdout)
@@ -71,11 +76,7 @@ def test_launch_then_status_json(tmp_path: Path):
 
 
 def test_replay_and_export(tmp_path: Path):
-    toy = make_toy(tmp_path / "toy", sleep=0.01)
-    d = tmp_path / "search"
-    out = cli("launch", "--dir", str(d), "--target", str(toy.source), "--proposers", "ideas", "--seeds", "2",
-              "--workers", "2", "--max-fidelity", "full")
-    assert out.returncode == 0, out.stdout + out.stderr
+    d, _ = launch_toy(tmp_path, "--proposers", "ideas", "--max-fidelity", "full")
     data = json.loads(cli("status", "--dir", str(d), "--json").stdout)
     assert data["best"] is not None, data["trials"]
     commit = data["best"]["commit"]
