@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from env.result import RunResult, Status
 from env.stats import Band, objective
+from search_space.records import RunResult, Status
 from search_space.target import Target
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from env.result import RunResult, Status
 from env.stats import decide
+from search_space.records import RunResult, Status
 
 CONFIRM_SEED0 = 1000  # confirm seeds are never the seeds of the single-seed rungs or of the baseline
 ADD_SEEDS = 2

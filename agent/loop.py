@@ -27,9 +27,9 @@ from agent.settings import LADDER, SearchSettings
 from agent.trials import Meter, Open, Pending, Summary
 from env.evaluate import RunSpec
 from env.pool import Pool
-from env.result import RunResult, Status
 from env.stats import objective
 from runs_db.db import RunsDB
+from search_space.records import RunResult, Status
 from search_space.target import Target
 
 PRIORITY = {"baseline": 0, "confirm": 1, "full": 2, "short": 3, "smoke": 4}

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from agent.baseline import build_baseline
 from env.evaluate import RunSpec
 from env.pool import Pool
-from env.result import RunResult, Status
 from env.stats import Ratio, loss_pvalue, timing_ratio
 from runs_db.db import RunsDB
+from search_space.records import RunResult, Status
 from search_space.target import Target
 
 REPLAY_SEED0 = 2000

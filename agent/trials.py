@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from agent.proposal import Proposal
-from env.result import RunResult
+from search_space.records import RunResult
 
 SEARCH_PROPOSERS = ("ideas", "knobs", "llm")  # trials of the search itself, not the baseline or a replay
 

@@ -41,7 +41,7 @@ import ray
 
 from bench.common import median, ms, percentile, print_table, verdict
 from env.evaluate import RunSpec
-from env.result import Status
+from search_space.records import Status
 from search_space.target import Target, load_target
 
 GOAL_S = 0.05

@@ -32,10 +32,10 @@ from env.data import ensure_data
 from env.evaluate import RunSpec, evaluate, make_sandbox
 from env.process_sandbox import SCRATCH_DIRNAME, sandbox_env
 from env.provenance import provenance
-from env.result import Status
 from env.sandbox import Limits, Sandbox, SandboxOutcome, SandboxRequest
 from env.workspace import materialise_base
 from search_space.knobs import routed_values
+from search_space.records import Status
 from search_space.target import Target, load_target
 
 GOALS = {"process": 0.3, "docker": 1.5}

@@ -14,12 +14,12 @@ from pathlib import Path
 from env.data import DataError, ensure_data
 from env.provenance import provenance
 from env.readout import CurveReader
-from env.result import RunResult, Status
 from env.sandbox import Limits, Sandbox, SandboxRequest
 from env.stats import Band
 from env.workspace import apply_patch, materialise_base, materialise_commit
 from search_space.edits import EditError
 from search_space.knobs import routed_values
+from search_space.records import RunResult, Status
 from search_space.rules import RuleViolation
 from search_space.target import Target
 

@@ -20,7 +20,7 @@ import ray
 
 from env.evaluate import RunSpec, evaluate, make_sandbox
 from env.process_sandbox import MULTICAST_OFF
-from env.result import RunResult
+from search_space.records import RunResult
 from search_space.target import cache_dir
 
 LOG_CHARS = 4_000_000  # the log travels back with the result, so artifacts work across nodes

@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from env.result import Point
+from search_space.records import Point
 from search_space.target import Readout
 
 CLOCK_CHECK_MS = 2000  # in shorter runs untimed validation and start-up can be most of the time

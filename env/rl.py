@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from env.evaluate import RunSpec, evaluate
-from env.result import Status
 from env.sandbox import Sandbox
 from env.stats import objective
 from env.workspace import materialise_base
+from search_space.records import Status
 from search_space.rules import matches
 from search_space.target import Target
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from env.result import Point, RunResult, Status
+from search_space.records import Point, RunResult, Status
 
 
 @dataclass(frozen=True)

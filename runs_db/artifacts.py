@@ -12,8 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from env.result import RunResult
 from runs_db.study import jsonable
+from search_space.records import RunResult
 
 MAX_PATH_CHARS = 4096
 

@@ -26,10 +26,10 @@ from typing import Any
 import psutil
 from optuna.distributions import BaseDistribution
 
-from env.result import RunResult, Status
 from runs_db.artifacts import Artifacts
 from runs_db.history import Candidate, History, snapshot
 from runs_db.study import STATES, Study, StudyError, TrialRecord, driver_url, summarise_runs
+from search_space.records import RunResult, Status
 from search_space.target import Target
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,11 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
-from env.result import RunResult, Status
 from env.stats import loss_pvalue
 from env.stats import timing_ratio as stats_timing_ratio
 from runs_db.db import RunsDB
 from runs_db.plots import plot_loss_curves
+from search_space.records import RunResult, Status
 from search_space.target import FIDELITY_ORDER, Target
 
 EXPORT_PREFIX = "export/"

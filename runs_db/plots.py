@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from env.result import RunResult
+from search_space.records import RunResult
 
 CANDIDATE_COLOR, BASELINE_COLOR = "tab:red", "tab:gray"
 

@@ -22,7 +22,7 @@ import sqlalchemy
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from env.result import RunResult, Status
+from search_space.records import RunResult, Status
 
 # Keys RunsDB owns in every trial's user attrs; anything else a caller passes is kept as given.
 CORE_KEYS = ("commit", "parent", "proposer", "model", "title", "fidelity")

@@ -9,8 +9,8 @@ import psutil
 import pytest
 
 from env.evaluate import RunSpec, evaluate, make_sandbox
-from env.result import Point, RunResult, Status
 from env.stats import Band
+from search_space.records import Point, RunResult, Status
 from tests.toy import make_toy, mode_patch
 
 

@@ -10,9 +10,9 @@ import git
 import pytest
 from scipy import stats
 
-from env.result import Status
 from runs_db.db import RunsDB
 from runs_db.export import ExportError, export, timing_ratio
+from search_space.records import Status
 
 try:
     from tests.test_runs_db import TRAIN, make_target, run_result

@@ -12,7 +12,7 @@ import pytest
 
 from env.evaluate import RunSpec
 from env.pool import Pool
-from env.result import Status
+from search_space.records import Status
 from search_space.target import load_target
 
 # A stand-in for `torchrun --nproc_per_node={nproc} train.py`: rank 0 logs, the other ranks only wait,

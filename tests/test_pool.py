@@ -9,7 +9,7 @@ import psutil
 
 from env.evaluate import RunSpec
 from env.pool import Pool
-from env.result import Status
+from search_space.records import Status
 from tests.toy import make_toy
 
 SHOW_GPUS = ('train.py\n<<<<<<< SEARCH\nMODE = "ok"\n=======\nMODE = "ok"\nimport os\n'

@@ -16,10 +16,10 @@ import optuna
 import psutil
 import pytest
 
-from env.result import Point, RunResult, Status
 from runs_db.db import RunsDB, SearchExistsError, dumps_toml
 from runs_db.history import HistoryError
 from runs_db.study import StudyError, driver_url
+from search_space.records import Point, RunResult, Status
 from search_space.target import Target, parse_target
 
 TRAIN = "import sys\nLR = 0.1\nSTEPS = 10\nprint('training', LR)\n"

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from env.result import Point, RunResult, Status
 from env.stats import Band, crossing, decide, loss_pvalue, mean_curve, objective, timing_ratio
+from search_space.records import Point, RunResult, Status
 
 
 def run(losses: list[float], ms_per_step: float = 10.0, seed: int = 0, status: Status = Status.OK) -> RunResult:

@@ -1,4 +1,4 @@
-"""What one run produced: a status a person (and an LLM) can act on, the curve, and provenance."""
+"""Record types shared by env, runs_db and agent: a run's status, its curve points and its result."""
 
 from __future__ import annotations
 
