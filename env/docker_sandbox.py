@@ -1,7 +1,13 @@
 """DockerSandbox: one command in a locked-down container (no network, read-only root, non-root,
 no capabilities, pids/memory/CPU limits), with the same environment allow-list, log streaming and
-kill semantics as ProcessSandbox. Containers are labelled so that `reap` can remove leftovers of a
-crashed worker.
+kill semantics as ProcessSandbox, and the same caps: log bytes, workspace disk, processes.
+
+What keeps the run contained, and where:
+- output: an attach socket, Docker's own log off (env/docker_attach.py); at most `limits.log_mb`;
+- the kill: `docker kill`, escalated to the container's cgroups when it fails (env/docker_kill.py);
+- disk: the workdir is a size-capped volume (env/volume.py) bind-mounted into the container;
+- hidden paths: never mounted; where one lies under a mount, an empty read-only overlay covers it.
+Containers are labelled so that `reap` can remove leftovers of a crashed worker.
 """
 
 from __future__ import annotations
@@ -12,15 +18,16 @@ import time
 import uuid
 from pathlib import Path
 
+from env.docker_attach import AttachStream, LineSink
 from env.docker_image import RUNNER_GID, RUNNER_UID, ensure_image, host_mounts
+from env.docker_kill import REMOVE_CALL_S, ContainerCgroups, Leader, call_with_deadline, stop_container
 from env.process_sandbox import MAX_LINE_BYTES, cpu_time_limit_s, sandbox_env
 from env.sandbox import LineCallback, SandboxOutcome, SandboxRequest
+from env.volume import Workspaces
 
 LABEL = "speedsearch"
 RUN_ID_LABEL = "speedsearch.run_id"
-_CGROUP_ROOTS = ("/sys/fs/cgroup/memory/docker/{id}", "/sys/fs/cgroup/memory/system.slice/docker-{id}.scope",
-                 "/sys/fs/cgroup/docker/{id}", "/sys/fs/cgroup/system.slice/docker-{id}.scope")
-
+WORKDIR_LABEL = "speedsearch.workdir"  # whose run a container is, when several searches share a daemon
 
 def docker_client(timeout: int = 60):
     import docker
@@ -28,16 +35,18 @@ def docker_client(timeout: int = 60):
     return docker.from_env(timeout=timeout)
 
 
-def reap(client=None, older_than_s: float = 3600.0) -> list[str]:
+def reap(client=None, older_than_s: float = 3600.0, labels: dict[str, str] | None = None) -> list[str]:
     """Remove every speedsearch container created more than `older_than_s` ago (running or not):
     the leftovers of a worker that died mid-run. Returns the ids removed. Choose `older_than_s`
-    above the longest timeout so that live runs of other workers are spared."""
+    above the longest timeout so that live runs of other workers are spared; `labels` narrows it
+    further (e.g. one search's WORKDIR_LABEL)."""
     import docker
 
     client = client or docker_client()
     now = time.time()
     removed = []
-    for c in client.api.containers(all=True, filters={"label": f"{LABEL}=1"}):
+    wanted = [f"{LABEL}=1", *(f"{k}={v}" for k, v in (labels or {}).items())]
+    for c in client.api.containers(all=True, filters={"label": wanted}):
         if now - c["Created"] >= older_than_s:
             try:
                 client.api.remove_container(c["Id"], force=True)
@@ -56,63 +65,95 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
                 os.lchown(name, uid, gid)
 
 
-class _MemoryProbe:
-    """Reads the container's memory cgroup from the host (cheaper than the stats API, which waits a
-    second per sample); resident memory only, not page cache. Best effort: 0 where not found."""
+class _Probe:
+    """Reads the container's cgroups from the host (cheaper than the stats API, which waits a second
+    per sample): resident memory (not page cache) and refused forks. Best effort: 0 where not found."""
 
-    def __init__(self, container_id: str):
-        self.candidates = [os.path.join(r.format(id=container_id), "memory.stat") for r in _CGROUP_ROOTS]
-        self.stat: str | None = None
+    def __init__(self, cgroups: ContainerCgroups):
+        self.memory_stat = cgroups.file("memory", "memory.stat")
+        self.pids_events = cgroups.file("pids", "pids.events")
         self.peak_mb = 0.0
+        self.forks_refused = 0
 
     def sample(self) -> None:
-        if self.stat is None:  # the cgroup exists once the container has started
-            self.stat = next((p for p in self.candidates if os.path.exists(p)), None)
-            if self.stat is None:
-                return
-        try:
-            with open(self.stat) as f:
-                fields = dict(line.split() for line in f)
-        except (OSError, ValueError):
-            return
+        fields = _flat_keyed(self.memory_stat)
         keys = ("total_rss", "total_mapped_file") if "total_rss" in fields else ("anon", "file_mapped")
-        self.peak_mb = max(self.peak_mb, sum(int(fields.get(k, 0)) for k in keys) / 2**20)
+        self.peak_mb = max(self.peak_mb, sum(fields.get(k, 0) for k in keys) / 2**20)
+        self.forks_refused = max(self.forks_refused, _flat_keyed(self.pids_events).get("max", 0))
+
+
+def _flat_keyed(path: Path | None) -> dict[str, int]:
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            return {k: int(v) for k, v in (line.split() for line in f)}
+    except (OSError, ValueError):
+        return {}
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def hide_overlays(volumes: dict[str, dict],
+                  hide: tuple[Path, ...]) -> tuple[dict[str, dict], dict[str, str], list[str]]:
+    """Keep `hide` out of the container. A hidden path that is not under any mount is simply never
+    seen (the image holds nothing of the host); a mount that is itself hidden (or lies inside a
+    hidden path) is dropped; a hidden path inside a mount is covered: a directory by an empty
+    read-only tmpfs, a file by /dev/null. Returns (volumes, tmpfs mounts, files to cover)."""
+    hidden = [os.path.realpath(h) for h in hide]
+    volumes = {src: v for src, v in volumes.items() if not any(_under(src, h) for h in hidden)}
+    tmpfs: dict[str, str] = {}
+    files: list[str] = []
+    for h in hidden:
+        if not os.path.lexists(h) or not any(_under(h, src) for src in volumes):
+            continue
+        if os.path.isdir(h):
+            tmpfs[h] = "ro,size=4k,mode=0555"
+        else:
+            files.append(h)
+    return volumes, tmpfs, files
 
 
 class DockerSandbox:
     """Runs `/bin/sh -c command` in a container of `image`, with:
 
     - network_mode none, a read-only root, a tmpfs at /tmp (HOME and TMPDIR), no-new-privileges,
-      every capability dropped, `pids_limit`, memory (no swap) and nano_cpus from the limits;
-    - the workdir bind-mounted read-write at the same path (and the cwd), `data` read-only,
-      `cache_dir` read-write; the host's system and Python directories read-only (`host_mounts`)
-      when the image is the assembled one (see env/docker_image.py), nothing of the host otherwise;
+      every capability dropped, pids (`limits.pids`), memory (no swap) and nano_cpus from the limits;
+    - the workdir on a size-capped volume (`limits.disk_mb`), bind-mounted read-write at the same
+      path (and the cwd), `data` read-only, `cache_dir` read-write, nothing of `hide`; the host's
+      system and Python directories read-only (`host_mounts`) when the image is the assembled one
+      (see env/docker_image.py), nothing of the host otherwise;
     - a non-root user: the caller's uid, or 65534 when the caller is root (the workdir and cache
       are then chowned to it);
     - GPUs only by id, through a device request, when `limits.gpu_ids` is not empty;
-    - the environment of `sandbox_env`, plus USER/LOGNAME (getpass needs a name for uid 65534).
+    - the environment of `sandbox_env`, plus USER/LOGNAME (getpass needs a name for uid 65534);
+    - output read through an attach socket (Docker keeps no log), at most `limits.log_mb`.
 
-    Timeout, `cancel` and `on_line` returning True kill the container (SIGKILL to its init, which
-    takes the whole pid namespace down); an OOM-killed container is reported as killed="memory".
-    The container is removed whatever happens.
+    Timeout, `cancel`, `on_line` returning True, the log cap and a full disk kill the container
+    (`docker kill`, escalated through its cgroups when that fails); an OOM-killed container is
+    reported as killed="memory". The container is removed whatever happens; the workdir's volume
+    stays mounted until `release`.
     """
 
     name = "docker"
 
-    def __init__(self, image: str = "speedsearch-runner:latest", pids_limit: int = 4096, tmpfs_mb: int = 1024,
+    def __init__(self, image: str = "speedsearch-runner:latest", pids_limit: int | None = None, tmpfs_mb: int = 1024,
                  shm_mb: int | None = None, extra_mounts: tuple[str, ...] = (), interval_s: float = 0.1,
                  client=None):
         self.image = image
-        self.pids_limit = pids_limit
+        self.pids_limit = pids_limit  # None: each request's limits.pids
         self.tmpfs_mb = tmpfs_mb
         self.shm_mb = shm_mb
         self.extra_mounts = extra_mounts
         self.interval_s = interval_s
         self._client = client
         self._assembled: bool | None = None
+        self._workspaces: Workspaces | None = None
 
-    def __getstate__(self):  # a docker client does not pickle (Ray ships the sandbox to workers)
-        return {**self.__dict__, "_client": None, "_assembled": None}
+    def __getstate__(self):  # a docker client and mounted volumes do not pickle (Ray ships the sandbox)
+        return {**self.__dict__, "_client": None, "_assembled": None, "_workspaces": None}
 
     @property
     def client(self):
@@ -120,8 +161,19 @@ class DockerSandbox:
             self._client = docker_client()
         return self._client
 
+    @property
+    def workspaces(self) -> Workspaces:
+        if self._workspaces is None:
+            self._workspaces = Workspaces()
+        return self._workspaces
+
     def reap(self, older_than_s: float = 3600.0) -> list[str]:
         return reap(self.client, older_than_s)
+
+    def release(self, workdir: Path, keep: bool = False) -> None:
+        """Unmount the workdir's volume (its files stay on the host's disk when `keep`)."""
+        if self._workspaces is not None:
+            self._workspaces.release(workdir, keep=keep)
 
     def _user(self, request: SandboxRequest) -> str:
         if os.getuid() != 0:
@@ -141,7 +193,7 @@ class DockerSandbox:
         if self._assembled is None:
             self._assembled = ensure_image(self.client, self.image)
         volumes = {p: {"bind": p, "mode": "ro"} for p in host_mounts(self.extra_mounts)} if self._assembled else {}
-        if request.data is not None:
+        if request.data is not None:  # the data folder given, nothing beside it (a held-out split)
             data = str(Path(request.data).resolve())
             volumes[data] = {"bind": data, "mode": "ro"}
         if request.cache_dir is not None:
@@ -149,20 +201,25 @@ class DockerSandbox:
             cache = str(Path(request.cache_dir).resolve())
             volumes[cache] = {"bind": cache, "mode": "rw"}
         volumes[workdir] = {"bind": workdir, "mode": "rw"}
+        volumes, hidden_dirs, hidden_files = hide_overlays(volumes, tuple(request.hide))
         env = {**sandbox_env(request, home="/tmp", tmp="/tmp"), "USER": "runner", "LOGNAME": "runner"}
         env.update(request.env)  # request.env wins, also over USER/LOGNAME
         cpu_s = cpu_time_limit_s(limits)
         config = dict(
             image=self.image, command=["/bin/sh", "-c", request.command], user=self._user(request),
-            working_dir=workdir, environment=env, labels={LABEL: "1", RUN_ID_LABEL: run_id},
+            working_dir=workdir, environment=env, labels={LABEL: "1", RUN_ID_LABEL: run_id, WORKDIR_LABEL: workdir},
             name=f"speedsearch-{run_id}", network_mode="none", read_only=True,
             # exec: inductor and Triton load the kernels they compile from their caches, /tmp by default.
-            tmpfs={"/tmp": f"rw,exec,nosuid,nodev,size={self.tmpfs_mb}m,mode=1777"}, volumes=volumes,
-            security_opt=["no-new-privileges"], cap_drop=["ALL"], pids_limit=self.pids_limit,
+            tmpfs={"/tmp": f"rw,exec,nosuid,nodev,size={self.tmpfs_mb}m,mode=1777", **hidden_dirs},
+            volumes=volumes,
+            mounts=[docker.types.Mount(f, "/dev/null", type="bind", read_only=True) for f in hidden_files],
+            security_opt=["no-new-privileges"], cap_drop=["ALL"], pids_limit=self.pids_limit or limits.pids,
             mem_limit=f"{limits.memory_mb}m", memswap_limit=f"{limits.memory_mb}m",
             nano_cpus=int(limits.cpus * 1e9), shm_size=f"{self.shm_mb or max(64, limits.memory_mb // 4)}m",
             ulimits=[docker.types.Ulimit(name="core", soft=0, hard=0),
                      docker.types.Ulimit(name="cpu", soft=cpu_s, hard=cpu_s)],
+            # Docker keeps no copy of the output: it is read (and capped) through the attach socket.
+            log_config=docker.types.LogConfig(type="none"),
             stdin_open=False, tty=False, detach=True)
         if limits.gpu_ids:
             config["device_requests"] = [docker.types.DeviceRequest(device_ids=list(limits.gpu_ids),
@@ -178,79 +235,124 @@ class DockerSandbox:
             self._assembled = None
             return self.client.containers.create(**self._config(request, run_id))
 
+    def _containment(self, request: SandboxRequest, disk: str, cgroups: ContainerCgroups | None) -> dict[str, str]:
+        limits = request.limits
+        return {
+            "cgroup": f"docker: pids {self.pids_limit or limits.pids}, memory {limits.memory_mb} MB; kill "
+                      f"escalates to {cgroups.describe() if cgroups else 'none found'}",
+            "namespaces": "docker: pid, mount, ipc, uts, network none; uid "
+                          f"{RUNNER_UID if os.getuid() == 0 else os.getuid()}, no capabilities",
+            "disk": disk,
+            "log": f"attach socket, Docker's log off, {limits.log_mb} MB cap",
+        }
+
     def run(self, request: SandboxRequest, on_line: LineCallback | None = None,
             cancel: threading.Event | None = None) -> SandboxOutcome:
         t0 = time.monotonic()
+        limits = request.limits
         run_id = uuid.uuid4().hex[:12]
         log_path = Path(request.log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        volume = None
+        if limits.disk_mb > 0:
+            owner = (RUNNER_UID, RUNNER_GID) if os.getuid() == 0 else None
+            volume = self.workspaces.mount(Path(request.workdir), limits.disk_mb, owner)
+        disk = volume.kind if volume is not None else "none (disk_mb = 0)"
         container = self._create(request, run_id)
-        state = {"killed": None, "detail": ""}
-        lock, done = threading.Lock(), threading.Event()
-        probe = _MemoryProbe(container.id)
-
-        def kill(reason: str, detail: str) -> None:
-            with lock:
-                if state["killed"] is None:
-                    state["killed"], state["detail"] = reason, detail
-            try:
-                container.kill()
-            except Exception:  # already stopped
-                pass
-
-        def watch() -> None:
-            deadline = t0 + request.limits.timeout_s
-            while not done.wait(self.interval_s):
-                probe.sample()
-                if state["killed"] is not None:
-                    continue
-                if cancel is not None and cancel.is_set():
-                    kill("cancelled", "cancelled by the caller")
-                elif time.monotonic() > deadline:
-                    kill("timeout", f"time limit {request.limits.timeout_s:g} s exceeded")
-
-        watchdog = threading.Thread(target=watch, name=f"sandbox-watch-{run_id}", daemon=True)
+        stream = leader = cgroups = None
+        killed, detail, escalation = None, "", ""
         try:
+            stream = AttachStream(self.client, container.id)  # before start: no early line is lost
             container.start()
-            watchdog.start()
-            with open(log_path, "wb") as log:
-                self._pump(container, log, on_line, kill, state)
-            exit_code = container.wait(timeout=max(60.0, request.limits.timeout_s))["StatusCode"]
             container.reload()
-            if container.attrs["State"].get("OOMKilled") and state["killed"] is None:
-                state["killed"] = "memory"
-                state["detail"] = f"memory limit {request.limits.memory_mb} MB exceeded (container OOM-killed)"
+            pid = container.attrs["State"].get("Pid") or 0
+            cgroups, leader = ContainerCgroups(pid, container.id), Leader(pid)
+            probe = _Probe(cgroups)
+            with open(log_path, "wb") as log:
+                sink = LineSink(log, on_line, limits.log_mb << 20, MAX_LINE_BYTES)
+                try:
+                    killed, detail = self._follow(request, stream, sink, leader, probe, volume, cancel, t0)
+                finally:
+                    sink.stop = killed is not None or sink.stop
+                    stream.close()  # nothing is read after the kill (or the end)
+                    if (sink.flush() == "stopped") and killed is None:
+                        killed, detail = "stopped", "stopped by on_line"
+            if killed is not None:
+                escalation = stop_container(container, cgroups, leader)
+                exit_code = None
+            else:
+                exit_code, killed, detail = self._ending(container, request, volume)
+            probe.sample()
+            if probe.forks_refused and killed not in ("log", "disk", "memory"):
+                detail = "; ".join(x for x in (detail, f"process limit {self.pids_limit or limits.pids} reached "
+                                                      f"({probe.forks_refused} forks refused)") if x)
         except BaseException as e:
-            kill("cancelled", f"{type(e).__name__}: {e}")
+            if killed is None:
+                killed, detail = "cancelled", f"{type(e).__name__}: {e}"
+            escalation = stop_container(container, cgroups or ContainerCgroups(0, container.id), leader or Leader(0))
             raise
         finally:
-            done.set()
-            if watchdog.is_alive():
-                watchdog.join()
-            try:
-                container.remove(force=True)
-            except Exception:
-                pass
-        return SandboxOutcome(exit_code=None if state["killed"] else exit_code, killed=state["killed"],
-                              wall_s=time.monotonic() - t0, peak_rss_mb=probe.peak_mb, detail=state["detail"])
+            if stream is not None:
+                stream.close()
+            if leader is not None:
+                leader.close()
+            # After an escalation the daemon may be the wedged part: wait less for it (the call goes on).
+            _, removal_error = call_with_deadline(lambda: container.remove(force=True),
+                                                  3.0 if escalation else REMOVE_CALL_S)
+        containment = self._containment(request, disk, cgroups)
+        if escalation:
+            containment["kill"] = escalation
+            detail = f"{detail}; {escalation}"
+        if removal_error is not None:
+            containment["removal"] = f"container {container.id[:12]} not removed ({removal_error}); the reaper will"
+        return SandboxOutcome(exit_code=exit_code, killed=killed, wall_s=time.monotonic() - t0,
+                              peak_rss_mb=probe.peak_mb, detail=detail, containment=containment)
 
-    @staticmethod
-    def _pump(container, log, on_line: LineCallback | None, kill, state: dict) -> None:
-        """Docker hands out chunks, not lines: re-cut them so on_line sees whole lines."""
-        pending = b""
+    def _follow(self, request: SandboxRequest, stream: AttachStream, sink: LineSink, leader: Leader, probe: _Probe,
+                volume, cancel: threading.Event | None, t0: float) -> tuple[str | None, str]:
+        """Read the output until the run ends, or until a reason to kill it: (killed, detail)."""
+        limits = request.limits
+        deadline = t0 + limits.timeout_s
+        next_sample = 0.0
+        drain_until = None  # the init exited: its last lines are in flight, but wait for them only briefly
+        while True:
+            # Read first, then judge: a line that arrived before the verdict is the run's (it may
+            # be the only sign of what it was doing); one that arrives after is never read.
+            if not stream.eof and stream.readable(self.interval_s):
+                for payload in stream.read():
+                    if verdict := sink.feed(payload):
+                        return verdict, (f"log over {limits.log_mb} MB" if verdict == "log" else "stopped by on_line")
+            now = time.monotonic()
+            if cancel is not None and cancel.is_set():
+                return "cancelled", "cancelled by the caller"
+            if now > deadline:
+                return "timeout", f"time limit {limits.timeout_s:g} s exceeded"
+            if now >= next_sample:
+                next_sample = now + self.interval_s
+                probe.sample()
+                if volume is not None and volume.full():
+                    return "disk", f"disk quota ({limits.disk_mb} MB)"
+            if stream.eof:  # the output closed: wait for the init (a daemon may keep the container up)
+                if leader.fd is None or leader.gone(self.interval_s):
+                    return None, ""
+            elif drain_until is None and leader.gone():
+                drain_until = now + 2.0
+                probe.sample()  # the last look at its counters: the cgroup goes with the container
+            elif drain_until is not None and now > drain_until:
+                return None, ""
 
-        def emit(raw: bytes) -> None:
-            log.write(raw)
-            log.flush()
-            if on_line is not None and state["killed"] is None:
-                if on_line(raw.decode("utf-8", "replace").rstrip("\r\n")):
-                    kill("stopped", "stopped by on_line")
-
-        for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
-            pending += chunk
-            while (cut := pending.find(b"\n")) >= 0 or len(pending) >= MAX_LINE_BYTES:
-                cut = cut + 1 if cut >= 0 else MAX_LINE_BYTES
-                emit(pending[:cut])
-                pending = pending[cut:]
-        if pending:
-            emit(pending)
+    def _ending(self, container, request: SandboxRequest, volume) -> tuple[int | None, str | None, str]:
+        """(exit code, killed, detail) of a run that ended by itself: an OOM kill or a full disk is
+        named as the cause, whatever the exit code."""
+        limits = request.limits
+        answer, error = call_with_deadline(lambda: container.wait(timeout=30), 35)
+        exit_code = answer["StatusCode"] if isinstance(answer, dict) else None
+        _, inspect_error = call_with_deadline(container.reload, 10)
+        state = container.attrs.get("State", {}) if inspect_error is None else {}
+        if state.get("OOMKilled"):
+            return None, "memory", f"memory limit {limits.memory_mb} MB exceeded (container OOM-killed)"
+        if volume is not None and volume.full():
+            return None, "disk", f"disk quota ({limits.disk_mb} MB)"
+        if error is not None:
+            return None, "cancelled", f"the daemon gave no exit status ({error})"
+        return exit_code, None, ""

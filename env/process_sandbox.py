@@ -1,22 +1,27 @@
-"""ProcessSandbox: the default sandbox. One command in its own session, with a scrubbed environment,
-rlimits, an RSS watchdog over the whole process tree and a kill that leaves nothing behind.
-
-It is not a security boundary (the command runs as the caller's user and can read what the caller
-can read); it is a clean, bounded, killable run. Use `DockerSandbox` for isolation.
+"""ProcessSandbox: the default sandbox. One command in its own cgroups and namespaces, as an
+unprivileged user, with a scrubbed environment, rlimits, capped log and disk, and a kill that
+leaves nothing behind (see the class docstring; env/cgroup.py, env/namespaces.py, env/volume.py).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+import uuid
 from pathlib import Path
 
+from env.cgroup import RunCgroup, cgroup_support, reap_orphans
+from env.namespaces import RUN_UID, bwrap_argv, chown_for_run, namespace_support, open_for_run
+from env.proctree import ProcessTree, private_mb
 from env.sandbox import Limits, LineCallback, SandboxOutcome, SandboxRequest
+from env.volume import Volume, Workspaces, volume_support
 
 SCRATCH_DIRNAME = ".sandbox"  # inside the workdir: home/ and tmp/ of the run
 # Safety switches for NCCL/torch on machines where NVLink multicast misbehaves: the operator sets
@@ -26,6 +31,8 @@ MULTICAST_OFF = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHME
 PASSTHROUGH_VARS = (*MULTICAST_OFF, "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH")
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 MAX_LINE_BYTES = 1 << 20  # a line longer than this reaches on_line in pieces
+DRAIN_S = 0.5  # after the leader exited and the rest was killed: how long to read what is left
+SETUP_ATTEMPTS = 3  # launches of a run whose namespaces could not be built (see `run`)
 
 
 def sandbox_env(request: SandboxRequest, home: str, tmp: str) -> dict[str, str]:
@@ -70,126 +77,70 @@ def cpu_time_limit_s(limits: Limits) -> int:
     return int(2 * limits.timeout_s * max(limits.cpus, 1)) + 60
 
 
-@dataclass
-class _Proc:
-    pid: int
-    ppid: int
-    pgrp: int
-    session: int
-    start: int  # clock ticks after boot: with the pid, an identity that survives pid reuse
-    zombie: bool
+def containment_support() -> dict[str, str]:
+    """What a run in this sandbox gets on this machine, for the launch header (said once there, and
+    in every result's provenance): a value starting with "none (" says what is missing and why."""
+    return {"cgroup": cgroup_support(), "namespaces": namespace_support(), "disk": volume_support()}
 
 
-def _scan_procs() -> dict[int, _Proc]:
-    """One pass over /proc/*/stat: parents, groups and sessions at once (cheaper than psutil's
-    per-process calls, and enough to find group members that were re-parented away from the tree)."""
-    procs: dict[int, _Proc] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-            f = data[data.rindex(b")") + 2:].split()
-            procs[int(name)] = _Proc(int(name), int(f[1]), int(f[2]), int(f[3]), int(f[19]), f[0] in (b"Z", b"X"))
-        except (OSError, ValueError, IndexError):
-            continue
-    return procs
+_names = itertools.count()
 
 
-def _private_mb(pid: int) -> float:
-    """Resident anonymous and shared-memory pages of one process. Not the whole RSS: file pages (the
-    torch and CUDA libraries) are shared by every process of the run and reclaimable, and counting
-    them once per process made a torch.compile run on a GPU (a pool of compile workers, each mapping
-    libtorch) look like 7 GB."""
-    kb = 0
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith((b"RssAnon:", b"RssShmem:")):
-                    kb += int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return kb / 1024
-
-
-class _Tree:
-    """Everything the run started: its session/process group, every descendant, and every process
-    ever seen as a member (so a grandchild that called setsid and lost its parent is still killed)."""
-
-    def __init__(self, root: int):
-        self.root = root
-        self.known: dict[int, int] = {}  # pid -> start time
-        self.lock = threading.Lock()
-
-    def members(self) -> list[_Proc]:
-        procs = _scan_procs()
-        children: dict[int, list[int]] = {}
-        for p in procs.values():
-            children.setdefault(p.ppid, []).append(p.pid)
-        with self.lock:
-            found = {p.pid for p in procs.values()
-                     if p.session == self.root or p.pgrp == self.root
-                     or self.known.get(p.pid) == p.start}
-            found.add(self.root)
-            stack = list(found)
-            while stack:
-                for c in children.get(stack.pop(), ()):
-                    if c not in found:
-                        found.add(c)
-                        stack.append(c)
-            out = [procs[pid] for pid in found if pid in procs]
-            for p in out:
-                self.known[p.pid] = p.start
-            return out
-
-    def signal(self, sig: int) -> list[_Proc]:
-        """Send `sig` to the group and to every member; return the members still running."""
-        try:
-            os.killpg(self.root, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        alive = [p for p in self.members() if not p.zombie]
-        for p in alive:
-            try:
-                os.kill(p.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        return alive
-
-    def kill(self, grace_s: float) -> None:
-        """SIGTERM, up to `grace_s` for a clean exit, then SIGKILL until nothing is left running."""
-        if grace_s > 0 and self.signal(signal.SIGTERM):
-            deadline = time.monotonic() + grace_s
-            while time.monotonic() < deadline:
-                time.sleep(0.02)
-                if not any(not p.zombie for p in self.members()):
-                    return
-        deadline = time.monotonic() + 5.0
-        while self.signal(signal.SIGKILL) and time.monotonic() < deadline:
-            time.sleep(0.01)
+@functools.cache
+def _workspaces() -> Workspaces:
+    """One registry of mounted workspaces per process, shared by every sandbox object (the pool
+    makes one per run). Making it first clears what callers killed earlier left behind: their
+    volumes (in `Workspaces`) and their cgroups."""
+    if os.geteuid() == 0:
+        reap_orphans()
+    return Workspaces()
 
 
 class _Watch:
-    """The run's state, shared by the reading (calling) thread and the watchdog thread."""
+    """The run's state, shared by the reading (calling) thread and the watchdog thread: the limits
+    the kernel does not enforce by itself (wall time, cancel, disk) and the kill."""
 
-    def __init__(self, pid: int, limits: Limits, cancel: threading.Event | None, grace_s: float,
-                 interval_s: float):
-        self.pid, self.limits, self.cancel = pid, limits, cancel
+    def __init__(self, pid: int, request: SandboxRequest, cgroup: RunCgroup, volume: Volume | None,
+                 cancel: threading.Event | None, grace_s: float, interval_s: float):
+        self.pid, self.limits, self.cancel = pid, request.limits, cancel
+        self.cgroup, self.volume = cgroup, volume
         self.grace_s, self.interval_s = grace_s, interval_s
-        self.tree = _Tree(pid)
-        self.deadline = time.monotonic() + limits.timeout_s
+        self.tree = None if cgroup.active else ProcessTree(pid)  # the fallback without cgroups
+        self.deadline = time.monotonic() + self.limits.timeout_s
         self.killed: str | None = None
         self.detail = ""
         self.peak_mb = 0.0
         self.done = threading.Event()
-        self._kill_lock = threading.Lock()
+        self.kill_lock = threading.Lock()
+
+    def alive(self) -> list[int]:
+        if self.tree is None:
+            return self.cgroup.pids()
+        return [p.pid for p in self.tree.members() if not p.zombie]
+
+    def kill_all(self, grace_s: float) -> None:
+        """SIGTERM to every process but the leader (bwrap: killing it tears the namespace down at
+        once, which would deny the grace), up to `grace_s` for them to go, then the hard kill."""
+        if grace_s > 0:
+            others = [pid for pid in self.alive() if pid != self.pid]
+            for pid in others:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + grace_s
+            while others and time.monotonic() < deadline and [p for p in self.alive() if p != self.pid]:
+                time.sleep(0.02)
+        if self.tree is None:
+            self.cgroup.kill()
+        else:
+            self.tree.kill(0)
 
     def stop(self, reason: str, detail: str, grace_s: float | None = None) -> None:
-        with self._kill_lock:
+        with self.kill_lock:
             if self.killed is None:
                 self.killed, self.detail = reason, detail
-            self.tree.kill(self.grace_s if grace_s is None else grace_s)
+            self.kill_all(self.grace_s if grace_s is None else grace_s)
 
     def leader_exited(self) -> bool:
         # WNOWAIT: look without reaping, so the pid (= the group id) cannot be reused under us.
@@ -197,11 +148,6 @@ class _Watch:
             return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
         except ChildProcessError:
             return True
-
-    def sample(self) -> list[_Proc]:
-        members = self.tree.members()
-        self.peak_mb = max(self.peak_mb, sum(_private_mb(p.pid) for p in members if not p.zombie))
-        return members
 
     def watch(self) -> None:
         while not self.done.wait(self.interval_s):
@@ -211,31 +157,104 @@ class _Watch:
                 self.stop("cancelled", "cancelled by the caller")
             elif time.monotonic() > self.deadline:
                 self.stop("timeout", f"time limit {self.limits.timeout_s:g} s exceeded")
+            elif self.volume is not None and self.volume.full():
+                self.stop("disk", f"disk quota ({self.limits.disk_mb} MB)", grace_s=0)
             else:
-                members = self.sample()
-                if self.peak_mb > self.limits.memory_mb:
-                    # No grace: a run over its memory must not get the chance to take the machine down.
+                members = self.alive()
+                self.peak_mb = max(self.peak_mb, sum(private_mb(pid) for pid in members))
+                if self.peak_mb > self.limits.memory_mb and self.cgroup.memory_dir is None:
+                    # Only without a memory cgroup (the kernel's limit is exact; this sum counts pages
+                    # shared copy-on-write once per process). No grace: a run over its memory must not
+                    # get the chance to take the machine down.
                     self.stop("memory", f"memory limit {self.limits.memory_mb} MB exceeded "
                                         f"(peak {self.peak_mb:.0f} MB)", grace_s=0)
-                elif self.leader_exited() and any(p.pid != self.pid and not p.zombie for p in members):
+                elif self.leader_exited() and any(pid != self.pid for pid in members):
                     # The command is done but left processes behind (they may hold the pipe open).
-                    with self._kill_lock:
-                        self.tree.kill(0)
+                    with self.kill_lock:
+                        self.kill_all(0)
+
+
+class _Lines:
+    """Splits the output into lines for on_line and writes it to the log, up to the log cap."""
+
+    def __init__(self, log, cap_bytes: int, on_line: LineCallback | None, watch: _Watch,
+                 start_token: bytes | None = None):
+        self.log, self.cap, self.on_line, self.watch = log, cap_bytes, on_line, watch
+        self.written = 0
+        self.pending = b""
+        # The first line the run's own shell prints once bwrap has built its view; never logged.
+        self.token = start_token + b"\n" if start_token else b""
+        self.started = not start_token
+        self.head = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if not self.started:
+            self.head += chunk
+            if self.token.startswith(self.head):
+                return  # the token so far: wait for the rest
+            if self.head.startswith(self.token):
+                self.started, chunk = True, self.head[len(self.token):]
+            else:
+                chunk = self.head  # bwrap's own error: the run never started
+            self.head = b""
+        self._take(chunk)
+
+    def _take(self, chunk: bytes) -> None:
+        if self.written >= self.cap:
+            return  # over the cap: the run is being stopped; nothing more is kept
+        keep = chunk[:self.cap - self.written]
+        self.log.write(keep)
+        self.log.flush()
+        self.written += len(keep)
+        if len(keep) < len(chunk):
+            self.written = self.cap
+            self.watch.stop("log", f"log over {self.cap >> 20} MB", grace_s=0)
+            return
+        *lines, self.pending = (self.pending + chunk).split(b"\n")
+        for line in lines:
+            self.emit(line)
+        while len(self.pending) >= MAX_LINE_BYTES:
+            self.emit(self.pending[:MAX_LINE_BYTES])
+            self.pending = self.pending[MAX_LINE_BYTES:]
+
+    def emit(self, raw: bytes) -> None:
+        for start in range(0, max(len(raw), 1), MAX_LINE_BYTES):  # a very long line goes in pieces
+            # (bwrap's own errors, before the run started, are logged but are not the run's lines)
+            if self.on_line is not None and self.watch.killed is None and self.started:
+                if self.on_line(raw[start:start + MAX_LINE_BYTES].decode("utf-8", "replace").rstrip("\r")):
+                    self.watch.stop("stopped", "stopped by on_line")
+
+    def close(self) -> None:
+        if self.head:  # a beginning too short to tell: the run did not start
+            head, self.head = self.head, b""
+            self._take(head)
+        if self.pending:
+            self.emit(self.pending)
+            self.pending = b""
 
 
 class ProcessSandbox:
-    """Runs `/bin/sh -c command` in `workdir`, in a new session, with:
+    """Runs `/bin/sh -c command` in `workdir` with:
 
+    - its own cgroups (`env.cgroup`): a process limit (`pids`), a memory limit the kernel enforces,
+      and a kill that reaches every process the run made, daemons included;
+    - its own namespaces as uid nobody (`env.namespaces`): it cannot see, signal or read the caller,
+      cannot reach localhost, and can write only its workspace and the compile caches;
+    - its workspace on a size-capped volume (`env.volume`), left mounted until `release`;
     - an allow-listed environment (`sandbox_env`), HOME and TMPDIR in `<workdir>/.sandbox/`;
     - RLIMIT_CORE=0 and a generous RLIMIT_CPU (no address-space limit: it breaks CUDA);
-    - memory: the summed anonymous + shared-memory RSS of the whole tree (`_private_mb`), sampled
-      every `interval_s`, against `memory_mb` (also the reported peak, so a run shorter than one
-      interval reports about 0);
-    - timeout, `cancel` and `on_line` returning True: SIGTERM to everything, `grace_s`, SIGKILL.
+    - memory also sampled every `interval_s` as the summed private RSS of its processes (the
+      reported peak, and the limit where there is no memory cgroup; a run shorter than one interval
+      reports about 0);
+    - timeout, `cancel` and `on_line` returning True: SIGTERM to everything, `grace_s`, kill;
+    - log bytes capped at `log_mb` (killed="log"), disk at `disk_mb` (killed="disk").
+
+    Where cgroups, namespaces or loop devices are missing, it runs without them (a process-tree
+    kill, the caller's uid, an uncapped folder) and says so in `SandboxOutcome.containment`.
 
     stdout and stderr are merged, written to `log_path` as they come and passed to `on_line` line by
     line (without the newline) in the calling thread. Whatever the exit path, no process of the run
-    is left running when `run` returns.
+    is left running when `run` returns, and a process holding the pipe never keeps it waiting.
     """
 
     name = "process"
@@ -243,54 +262,128 @@ class ProcessSandbox:
     def __init__(self, grace_s: float = 2.0, interval_s: float = 0.1):
         self.grace_s = grace_s
         self.interval_s = interval_s
+        self.workspaces = _workspaces()
+
+    def release(self, workdir: Path, keep: bool = False) -> None:
+        self.workspaces.release(workdir, keep)
+
+    def _prepare(self, request: SandboxRequest, isolated: bool) -> tuple[Path, Volume | None]:
+        workdir = Path(request.workdir).resolve()
+        volume = self.workspaces.mount(workdir, request.limits.disk_mb) if request.limits.disk_mb > 0 else None
+        scratch = workdir / SCRATCH_DIRNAME
+        (scratch / "home").mkdir(parents=True, exist_ok=True)
+        (scratch / "tmp").mkdir(parents=True, exist_ok=True)
+        if request.cache_dir is not None:
+            for sub in ("", "inductor", "triton"):
+                (Path(request.cache_dir) / sub).mkdir(parents=True, exist_ok=True)
+        if isolated:
+            open_for_run(workdir)
+            if request.cache_dir is not None and Path(request.cache_dir).stat().st_uid != RUN_UID:
+                chown_for_run(Path(request.cache_dir))
+        return workdir, volume
 
     def run(self, request: SandboxRequest, on_line: LineCallback | None = None,
             cancel: threading.Event | None = None) -> SandboxOutcome:
         t0 = time.monotonic()
-        workdir = Path(request.workdir).resolve()
+        namespaces = namespace_support()
+        isolated = not namespaces.startswith("none")
+        workdir, volume = self._prepare(request, isolated)
         scratch = workdir / SCRATCH_DIRNAME
-        (scratch / "home").mkdir(parents=True, exist_ok=True)
-        (scratch / "tmp").mkdir(parents=True, exist_ok=True)
         env = sandbox_env(request, str(scratch / "home"), str(scratch / "tmp"))
-        log_path = Path(request.log_path)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        Path(request.log_path).parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(SETUP_ATTEMPTS):
+            outcome, started = self._attempt(request, workdir, volume, env, isolated, on_line, cancel)
+            # bwrap copies the machine's mount table; a mount point deleted meanwhile (another run's
+            # workspace being removed) makes it fail before the run starts: build it again.
+            if started or outcome.killed is not None:
+                break
+            time.sleep(0.05 * (attempt + 1))
+        outcome.containment = {"cgroup": outcome.containment["cgroup"], "namespaces": namespaces,
+                               "disk": volume.kind if volume is not None else "none (disk_mb = 0)"}
+        outcome.wall_s = time.monotonic() - t0
+        return outcome
+
+    def _attempt(self, request: SandboxRequest, workdir: Path, volume: Volume | None, env: dict[str, str],
+                 isolated: bool, on_line: LineCallback | None,
+                 cancel: threading.Event | None) -> tuple[SandboxOutcome, bool]:
+        """One launch of the run; returns its outcome and whether the command started."""
+        limits = request.limits
+        cgroup = RunCgroup(f"{os.getpid()}-{next(_names)}-{uuid.uuid4().hex[:6]}", limits.memory_mb, limits.pids)
+        token = f"speedsearch-started-{uuid.uuid4().hex}" if isolated else ""
         # rlimits are set by the shell before it execs the command, not in a preexec_fn (which can
         # deadlock in a multi-threaded parent such as a Ray worker).
-        limits = f"ulimit -c 0 && ulimit -t {cpu_time_limit_s(request.limits)} && exec /bin/sh -c \"$1\""
-        argv = ["/bin/sh", "-c", limits, "sandbox", request.command]
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-            watch = _Watch(proc.pid, request.limits, cancel, self.grace_s, self.interval_s)
-            watchdog = threading.Thread(target=watch.watch, name=f"sandbox-watch-{proc.pid}", daemon=True)
-            watchdog.start()
-            try:
-                self._pump(proc, log, watch, on_line)
-            except BaseException as e:  # on_line raised, or KeyboardInterrupt: still leave nothing behind
-                watch.stop("cancelled", f"on_line raised {type(e).__name__}: {e}")
-                raise
-            finally:
-                status = self._finish(proc, watch, watchdog)
-        killed = watch.killed
-        return SandboxOutcome(
-            exit_code=None if killed else os.waitstatus_to_exitcode(status), killed=killed,
-            wall_s=time.monotonic() - t0, peak_rss_mb=watch.peak_mb,
-            detail=watch.detail)
+        shell = f"ulimit -c 0 && ulimit -t {cpu_time_limit_s(limits)} && exec /bin/sh -c \"$1\""
+        inner = ["/bin/sh", "-c", f"echo {token} && {shell}" if token else shell, "sandbox", request.command]
+        if isolated:
+            gpus = bool(limits.gpu_ids) or bool(request.env.get("CUDA_VISIBLE_DEVICES"))
+            inner = bwrap_argv(workdir, request.data, request.cache_dir, tuple(request.hide), inner, gpus)
+        # The leader enters the cgroups first, then execs: the run is inside before it can fork.
+        argv = ["/bin/sh", "-c", f'{cgroup.add_pid_command()} && exec "$@"', "enter", *inner]
+        try:
+            with open(request.log_path, "wb") as log:
+                proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                watch = _Watch(proc.pid, request, cgroup, volume, cancel, self.grace_s, self.interval_s)
+                watchdog = threading.Thread(target=watch.watch, name=f"sandbox-watch-{proc.pid}", daemon=True)
+                watchdog.start()
+                lines = _Lines(log, limits.log_mb << 20, on_line, watch, token.encode() or None)
+                try:
+                    self._pump(proc, lines, watch)
+                except BaseException as e:  # on_line raised, or KeyboardInterrupt: still leave nothing behind
+                    watch.stop("cancelled", f"on_line raised {type(e).__name__}: {e}")
+                    raise
+                finally:
+                    status = self._finish(proc, watch, watchdog)
+                    # Read before the cgroups go: what the kernel enforced on its own.
+                    oom, hits, cgroup_peak = cgroup.oom_killed(), cgroup.pids_limit_hits(), cgroup.peak_mb()
+        finally:
+            cgroup.close()
+        exit_code = os.waitstatus_to_exitcode(status)
+        if watch.killed is None and oom:
+            watch.killed = "memory"
+            watch.detail = f"memory limit {limits.memory_mb} MB exceeded (the kernel's OOM killer fired)"
+            watch.peak_mb = max(watch.peak_mb, cgroup_peak)
+        elif watch.killed is None and volume is not None and volume.full() and exit_code != 0:
+            watch.killed, watch.detail = "disk", f"disk quota ({limits.disk_mb} MB)"
+        if hits:
+            note = f"process limit (pids {limits.pids}) reached: {hits} forks refused"
+            watch.detail = f"{watch.detail}; {note}" if watch.detail else note
+        outcome = SandboxOutcome(exit_code=None if watch.killed else exit_code, killed=watch.killed,
+                                 peak_rss_mb=watch.peak_mb, detail=watch.detail,
+                                 containment={"cgroup": cgroup.kind})
+        return outcome, lines.started
 
     @staticmethod
-    def _pump(proc: subprocess.Popen, log, watch: _Watch, on_line: LineCallback | None) -> None:
+    def _pump(proc: subprocess.Popen, lines: _Lines, watch: _Watch) -> None:
+        """Read until EOF, or until the leader has exited and everything else was killed: a process
+        that escaped the kill and holds the pipe gets a short drain, never an endless wait."""
         assert proc.stdout is not None
-        for raw in iter(lambda: proc.stdout.readline(MAX_LINE_BYTES), b""):
-            log.write(raw)
-            log.flush()
-            if on_line is not None and watch.killed is None:
-                if on_line(raw.decode("utf-8", "replace").rstrip("\r\n")):
-                    watch.stop("stopped", "stopped by on_line")
+        fd = proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        drain_until = None
+        while True:
+            ready, _, _ = select.select([fd], [], [], 0.05)
+            if ready:
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    break
+                lines.feed(chunk)
+            elif drain_until is not None:
+                if time.monotonic() > drain_until:
+                    break
+            elif watch.leader_exited():
+                with watch.kill_lock:
+                    watch.kill_all(0)
+                drain_until = time.monotonic() + DRAIN_S
+        lines.close()
 
     @staticmethod
     def _finish(proc: subprocess.Popen, watch: _Watch, watchdog: threading.Thread) -> int:
-        # The pipe is closed: wait for the leader without reaping it (its pid is the group id we
-        # still signal), kill whatever it left behind, stop the watchdog, and only then reap.
+        # Wait for the leader without reaping it (its pid is the group id the fallback still
+        # signals), kill whatever it left behind, stop the watchdog, and only then reap.
         while True:
             try:
                 os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
@@ -299,8 +392,8 @@ class ProcessSandbox:
                 continue
             except ChildProcessError:
                 break
-        with watch._kill_lock:
-            watch.tree.kill(0)
+        with watch.kill_lock:
+            watch.kill_all(0)
         watch.done.set()
         watchdog.join()
         # (Not wait4's ru_maxrss for the peak: it counts the pages of this process at fork time.)

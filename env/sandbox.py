@@ -17,6 +17,9 @@ class Limits:
     memory_mb: int = 4096
     cpus: int = 1
     gpu_ids: tuple[str, ...] = ()  # physical ids to expose (CUDA_VISIBLE_DEVICES inside)
+    pids: int = 512  # processes and threads at once (a fork bomb stops here)
+    log_mb: int = 64  # stdout+stderr bytes kept; past it the run is stopped (killed="log")
+    disk_mb: int = 4096  # the workspace's size; past it the run is stopped (killed="disk"); 0 = no cap
 
 
 @dataclass
@@ -28,15 +31,20 @@ class SandboxRequest:
     limits: Limits = field(default_factory=Limits)
     data: Path | None = None  # mounted read-only; the command sees it at the same path
     cache_dir: Path | None = None  # persistent compile caches (inductor, Triton) for this worker
+    hide: tuple[Path, ...] = ()  # paths the run must not see (e.g. a held-out split beside `data`)
 
 
 @dataclass
 class SandboxOutcome:
     exit_code: int | None  # None when killed
-    killed: str | None = None  # "timeout" | "memory" | "cancelled" | "stopped" (by on_line)
+    # "timeout" | "memory" | "cancelled" | "stopped" (by on_line) | "log" (over log_mb) | "disk" (over disk_mb)
+    killed: str | None = None
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
     detail: str = ""  # e.g. the limit that was hit
+    # What contained the run, for the provenance: {"cgroup": ..., "namespaces": ..., "disk": ...};
+    # a value starting with "none (" says what was missing and why.
+    containment: dict[str, str] = field(default_factory=dict)
 
 
 # Called with each output line; returning True stops the run (early stopping).
@@ -48,3 +56,8 @@ class Sandbox(Protocol):
 
     def run(self, request: SandboxRequest, on_line: LineCallback | None = None,
             cancel: threading.Event | None = None) -> SandboxOutcome: ...
+
+    def release(self, workdir: Path, keep: bool = False) -> None:
+        """The caller is done with `workdir`: unmount its size-capped volume (keeping the files on the
+        host's disk when `keep`). `run` leaves it mounted so the run's outputs (checkpoints) can be read
+        and a second command (a trusted evaluator) can run in it. Idempotent; a no-op for unknown dirs."""
