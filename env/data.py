@@ -19,13 +19,33 @@ _READY: set[Path] = set()  # folders this process has seen prepared
 
 
 def ensure_data(target: Target) -> Path | None:
-    """Run the target's `data.prepare` when its folder is missing (under a lock); returns the folder.
+    """Run the target's `data.prepare` when its folder is missing (under a lock); returns the folder a
+    run sees as `{data}`: `data.mount` inside it where the target sets one (the rest, e.g. a held-out
+    split, stays outside the run).
 
     A prepare step writes its folder whole (into a temporary name, then renamed), so a folder that
     exists is complete and is never prepared again.
     """
     path = target.data_path
-    if path is None or path in _READY:
+    if path is None:
+        return None
+    root = _prepared(target, path)
+    if not target.data_mount:
+        return root
+    if not (root / target.data_mount).is_dir():
+        raise DataError(f"data.mount: {root / target.data_mount} is not a folder (an older data version?)")
+    return root / target.data_mount
+
+
+def hidden_paths(target: Target) -> tuple[Path, ...]:
+    """What a training run must not see: every entry of the data folder outside its mount."""
+    if target.data_path is None or not target.data_mount or not target.data_path.is_dir():
+        return ()
+    return tuple(sorted(p for p in target.data_path.iterdir() if p.name != target.data_mount))
+
+
+def _prepared(target: Target, path: Path) -> Path:
+    if path in _READY:
         return path
     if target.data_prepare is None:
         if not path.exists():

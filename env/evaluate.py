@@ -1,4 +1,5 @@
-"""One run end to end: materialise, check, run sandboxed, read live, stop early, classify."""
+"""One run end to end: materialise, check, run sandboxed, read live, stop early, classify, and (for a
+target with a `[trust]` section) measure instead of believe: env/trusted.py."""
 
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from env.data import DataError, ensure_data
+from env.data import DataError, ensure_data, hidden_paths
 from env.provenance import provenance
 from env.readout import CurveReader
 from env.sandbox import Limits, Sandbox, SandboxRequest
 from env.stats import Band
+from env.trusted import CheckpointKeeper, Evaluator, expected_steps, log_problems, observed_curve
 from env.workspace import apply_patch, materialise_base, materialise_commit
 from search_space.edits import EditError
 from search_space.knobs import routed_values
-from search_space.records import RunResult, Status
+from search_space.records import RunResult, Status, Trust
 from search_space.rules import RuleViolation
 from search_space.target import Target
 
@@ -90,16 +92,18 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
     except (EditError, RuleViolation) as e:
         result.reason = f"invalid change: {e}"
         log_path.write_text(result.reason + "\n")
-        return _done(result, t0, workdir, keep_workdir)
+        return _done(result, t0, workdir, keep_workdir, sandbox)
     except DataError as e:
         result.status, result.reason = Status.FAILED, str(e)
-        return _done(result, t0, workdir, keep_workdir)
+        return _done(result, t0, workdir, keep_workdir, sandbox)
 
     env, flags = routed_values(workdir, target.knobs)
     command = target.render_command(seed=spec.seed, steps=steps, data=data or "")
     if flags:
         command += " " + " ".join(shlex.quote(f) for f in flags)
-    reader = CurveReader(target.readout, steps)
+    trust = target.trust if target.readout.format == "speedrun" else None
+    reader = CurveReader(target.readout, steps, trust.pause_regex if trust else None)
+    keeper = CheckpointKeeper(trust, workdir, run_dir / "ckpt") if trust else None
     pruned: list[str] = []
 
     def on_line(line: str) -> bool:
@@ -108,6 +112,8 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         point = reader.feed(line)
         if point is None:
             return reader.nonfinite is not None
+        if keeper is not None:
+            keeper.take(point.step)  # now, before the run could replace it with a later model
         if spec.band is not None and spec.band.worse(point):
             pruned.append(f"val_loss {point.val_loss:.4f} at step {point.step} is above the baseline band "
                           f"({spec.band.limit(point.step):.4f})")
@@ -119,21 +125,63 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         env={**{k: os.environ[k] for k in target.passthrough_env if k in os.environ}, **dict(spec.env),
              **target.env, **env},
         limits=Limits(timeout_s=target.resources.timeout_s, memory_mb=target.resources.memory_mb,
-                      cpus=target.resources.cpus, gpu_ids=spec.gpu_ids),
-        data=data, cache_dir=cache_dir)
+                      cpus=target.resources.cpus, gpu_ids=spec.gpu_ids, pids=target.resources.pids,
+                      log_mb=target.resources.log_mb, disk_mb=target.resources.disk_mb),
+        data=data, cache_dir=cache_dir, hide=hidden_paths(target))
+    evaluator = None if trust is None else Evaluator(
+        trust, sandbox, lambda dest: _materialise(spec, dest), run_dir, request.env, request.limits, request.hide,
+        keep_workdir)
     try:
-        outcome = sandbox.run(request, on_line=on_line, cancel=cancel)
-    except Exception as e:  # a sandbox that cannot start is the machine's fault, not the candidate's
-        result.status, result.reason = Status.FAILED, f"sandbox error: {type(e).__name__}: {e}"
-        return _done(result, t0, workdir, keep_workdir)
-    if target.readout.format == "jsonl":
-        reader.read_metrics_file(workdir)
-    result.curve = reader.points
-    result.provenance["peak_rss_mb"] = outcome.peak_rss_mb
-    result.provenance["sandbox"] = sandbox.name
-    result.provenance["command"] = command
-    result.status, result.reason = _classify(outcome, reader, pruned, log_path)
-    return _done(result, t0, workdir, keep_workdir)
+        if evaluator is not None and evaluator.early:  # its imports overlap the training run
+            evaluator.start(wait_s=target.resources.timeout_s)
+        started = time.monotonic()
+        try:
+            outcome = sandbox.run(request, on_line=on_line, cancel=cancel)
+        except Exception as e:  # a sandbox that cannot start is the machine's fault, not the candidate's
+            result.status, result.reason = Status.FAILED, f"sandbox error: {type(e).__name__}: {e}"
+            return _done(result, t0, workdir, keep_workdir, sandbox)
+        if target.readout.format == "jsonl":
+            reader.read_metrics_file(workdir)
+            result.curve = list(reader.points)  # no arrival times to observe: the claimed curve, untrusted
+        else:
+            result.curve = observed_curve(reader)  # claimed losses, observed times (untrusted until measured)
+        result.claimed = list(reader.points)
+        result.provenance["peak_rss_mb"] = outcome.peak_rss_mb
+        result.provenance["sandbox"] = sandbox.name
+        result.provenance["containment"] = outcome.containment
+        result.provenance["command"] = command
+        result.status, result.reason = _classify(outcome, reader, pruned, log_path)
+        if result.status == Status.OK and evaluator is not None and keeper is not None:
+            _trusted_measurement(spec, result, reader, keeper, started, evaluator)
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+        if keeper is not None and not keep_workdir:
+            shutil.rmtree(keeper.keep_dir, ignore_errors=True)
+    return _done(result, t0, workdir, keep_workdir, sandbox)
+
+
+def _trusted_measurement(spec: RunSpec, result: RunResult, reader: CurveReader, keeper: CheckpointKeeper,
+                         started: float, evaluator: Evaluator) -> None:
+    """Check the log against what the sandbox observed, then recompute every point's loss from its
+    checkpoint on held-out data (env/trusted.py). Any disagreement makes the run invalid."""
+    trust, target = spec.target.trust, spec.target
+    assert trust is not None and target.data_path is not None
+    t = time.perf_counter()
+    problems, info = log_problems(trust, reader, result.total_steps, started)
+    problems += keeper.problems(expected_steps(result.total_steps, trust.every))
+    result.provenance["trust"] = info
+    if not problems:
+        measured = evaluator.finish(keeper.kept, target.data_path / trust.heldout,
+                                    {p.step: p.val_loss for p in reader.points})
+        problems, info["losses"] = measured.problems, measured.losses
+        info.update(measured.info)
+        if not problems:
+            result.curve = observed_curve(reader, measured.losses)
+            result.trust = Trust.TRUSTED.value
+    info["seconds"] = round(time.perf_counter() - t, 3)
+    if problems:
+        result.status, result.reason = Status.INVALID, "the log is not to be trusted: " + "; ".join(problems)
 
 
 def _classify(outcome, reader: CurveReader, pruned: list[str], log_path: Path) -> tuple[Status, str]:
@@ -145,18 +193,24 @@ def _classify(outcome, reader: CurveReader, pruned: list[str], log_path: Path) -
         return Status.TIMEOUT, f"killed after the time limit; {outcome.detail}".strip("; ")
     if outcome.killed == "memory":
         return Status.FAILED, f"out of memory: {outcome.detail or 'memory limit exceeded'}"
+    if outcome.killed == "log":
+        return Status.INVALID, outcome.detail or "log over its cap"
+    if outcome.killed == "disk":
+        return Status.FAILED, outcome.detail or "disk quota"
     if outcome.killed == "cancelled":
         return Status.FAILED, "cancelled"
     if outcome.exit_code != 0:
-        return Status.FAILED, f"exit code {outcome.exit_code}; log tail:\n{log_tail(log_path)}"
-    if problem := reader.problem or reader.clock_problem():
+        detail = f" ({outcome.detail})" if outcome.detail else ""  # e.g. the process limit was reached
+        return Status.FAILED, f"exit code {outcome.exit_code}{detail}; log tail:\n{log_tail(log_path)}"
+    if problem := reader.problem:
         return Status.INVALID, f"the log is not to be trusted: {problem}"
     if why := reader.incomplete():
         return Status.FAILED, f"{why}; log tail:\n{log_tail(log_path)}"
     return Status.OK, ""
 
 
-def _done(result: RunResult, t0: float, workdir: Path, keep: bool) -> RunResult:
+def _done(result: RunResult, t0: float, workdir: Path, keep: bool, sandbox: Sandbox) -> RunResult:
+    sandbox.release(workdir, keep)  # unmounts the workspace's volume (its files stay if kept)
     result.wall_s = time.perf_counter() - t0
     if not keep:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -3,6 +3,12 @@
 `reset()` returns the task text and the editable code; `step(patch)` evaluates the patch on top of
 the base through the same `evaluate` and returns a bounded reward: 0 for an invalid or failed run,
 otherwise clip(log(baseline / candidate objective), -1, 1) / 2 + 1/2, so the base itself scores 0.5.
+
+The reward comes only from trusted numbers: the objective is read from `result.curve`, which for a
+target with a `[trust]` evaluator holds recomputed held-out losses and observed times. A result that
+is not `trusted` scores 0, and `reset()` refuses a target whose baseline cannot be trusted (one
+without an evaluator) unless `allow_untrusted` is set, so a policy never learns from claimed numbers
+by accident.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class SpeedrunEnv:
     seed: int = 0
     baseline_value: float | None = None
     target_loss: float | None = None
+    allow_untrusted: bool = False  # reward claimed numbers of a target without an evaluator
     _observation: dict[str, Any] = field(default_factory=dict)
 
     def reset(self, seed: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -39,6 +46,9 @@ class SpeedrunEnv:
             base = evaluate(RunSpec(self.target, self.seed, self.fidelity), self.sandbox, self.run_root)
             if base.status != Status.OK:
                 raise RuntimeError(f"the baseline itself does not run: {base.reason}")
+            if not base.trusted and not self.allow_untrusted:
+                raise RuntimeError(f"target {self.target.name} has no [trust] evaluator, so its results are "
+                                   "untrusted; pass allow_untrusted=True to reward its claimed numbers")
             if self.target_loss is None:
                 self.target_loss = (self.target.target_loss if isinstance(self.target.target_loss, float)
                                     and self.fidelity == "full" else base.final.val_loss)
@@ -50,8 +60,10 @@ class SpeedrunEnv:
         if self.baseline_value is None:
             raise RuntimeError("call reset() first")
         result = evaluate(RunSpec(self.target, self.seed, self.fidelity, patch=patch), self.sandbox, self.run_root)
-        value = objective(self.target.objective, [result], self.target_loss) if result.status == Status.OK else None
-        info = {"status": result.status.value, "reason": result.reason, "value": value, "result": result.to_dict()}
+        usable = result.status == Status.OK and (result.trusted or self.allow_untrusted)
+        value = objective(self.target.objective, [result], self.target_loss) if usable else None
+        info = {"status": result.status.value, "reason": result.reason, "value": value, "trust": result.trust,
+                "result": result.to_dict()}
         return self._observation, self.reward(value), True, False, info
 
     def reward(self, value: float | None) -> float:

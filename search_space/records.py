@@ -22,8 +22,19 @@ class Point:
     train_ms: float
 
 
+class Trust(StrEnum):
+    """Whether a result's curve was measured by the evaluator (trusted) or read from the log (untrusted)."""
+
+    TRUSTED = "trusted"  # losses recomputed by the target's frozen evaluator, times observed by the sandbox
+    UNTRUSTED = "untrusted"  # the target declares no evaluator: claimed losses, observed times
+
+
 @dataclass
 class RunResult:
+    """One run. `curve` is THE curve everything downstream uses: at a trusted target, each point is
+    (step, the evaluator's held-out loss, the sandbox's observed time since step 0); `claimed` keeps
+    what the trainer printed, for display only."""
+
     status: Status
     reason: str = ""
     curve: list[Point] = field(default_factory=list)
@@ -34,6 +45,12 @@ class RunResult:
     fidelity: str = ""
     commit: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
+    claimed: list[Point] = field(default_factory=list)
+    trust: str = Trust.UNTRUSTED.value
+
+    @property
+    def trusted(self) -> bool:
+        return self.trust == Trust.TRUSTED
 
     @property
     def final(self) -> Point | None:
@@ -43,6 +60,7 @@ class RunResult:
         out = asdict(self)
         out["status"] = self.status.value
         out["curve"] = [[p.step, p.val_loss, p.train_ms] for p in self.curve]
+        out["claimed"] = [[p.step, p.val_loss, p.train_ms] for p in self.claimed]
         f = self.final
         out["final"] = {"val_loss": f.val_loss, "train_ms": f.train_ms, "steps": f.step} if f else None
         return out
@@ -51,5 +69,6 @@ class RunResult:
     def from_dict(cls, d: dict[str, Any]) -> RunResult:
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["status"] = Status(d["status"])
-        d["curve"] = [Point(int(s), float(v), float(t)) for s, v, t in d.get("curve", [])]
+        for key in ("curve", "claimed"):  # records written before `claimed` existed read as []
+            d[key] = [Point(int(s), float(v), float(t)) for s, v, t in d.get(key, [])]
         return cls(**d)

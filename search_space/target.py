@@ -5,6 +5,7 @@ Loaded from a `target.toml`; every field problem raises `TargetError` naming the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -48,7 +49,39 @@ class Readout:
     format: str = "speedrun"  # "speedrun" (log regex) or "jsonl"
     line_regex: str = SPEEDRUN_LINE
     metrics_file: str = "metrics.jsonl"
-    min_timed_fraction: float = 0.3  # claimed train time / wall time between validations, at least
+
+
+TRUST_VARS = ("ckpts", "inputs", "out", "go")
+PAUSE_LINE = r"step:(?P<step>\d+)/\d+ val_start"  # printed when the timed region pauses for validation
+
+
+@dataclass(frozen=True)
+class Trust:
+    """How the target's runs are measured instead of believed (the `[trust]` section).
+
+    After a run, `model_command` (a frozen script of the target, run in the same sandbox) loads the
+    candidate's model from each checkpoint and writes logits for held-out input windows; the host
+    computes the loss. Claimed losses and train times are checked against the measured ones.
+    """
+
+    # {ckpts}: a file listing checkpoints; {inputs}: int64 .npy windows; {out}: a folder for the logits;
+    # optional {go}: a file that appears when all of those are ready (the command then starts with the
+    # training run and waits for it, so its start-up overlaps training)
+    model_command: str
+    seq_len: int  # tokens a held-out window feeds the model
+    windows: int  # held-out windows evaluated at every checkpoint
+    vocab: int
+    every: int  # the validation cadence the log must show (step 0, every `every` steps, the last)
+    loss_tolerance: float  # |claimed val_loss - measured held-out loss|, absolute
+    checkpoints: str = "ckpt/step_{step:06d}.pt"  # relative to the workdir
+    heldout: str = "heldout/val_000.bin"  # relative to the data folder; never visible to a run
+    clock_tolerance: float = 0.10  # |claimed - observed| training interval, as a fraction of observed
+    clock_slack_ms: float = 50.0  # plus this much (pipe and scheduling latency)
+    startup_allowance_s: float = 60.0  # from the start of the run to its step-0 line
+    probe_rows: int = 8  # held-out windows perturbed after a cut to test for look-ahead
+    probe_tolerance: float = 1e-3  # max |logit change| allowed before the cut
+    pause_regex: str | None = PAUSE_LINE  # "": none; the observed interval then runs line to line
+    timeout_s: float = 300.0  # for each evaluator process
 
 
 @dataclass(frozen=True)
@@ -59,6 +92,9 @@ class Resources:
     cpus: int = 1
     memory_mb: int = 4096
     timeout_s: float = 600.0
+    pids: int = 512  # processes and threads at once
+    log_mb: int = 64  # log bytes kept; past it the run is invalid
+    disk_mb: int = 4096  # the workspace's size; past it the run fails ("disk quota")
 
 
 @dataclass(frozen=True)
@@ -82,6 +118,8 @@ class Target:
     passthrough_env: tuple[str, ...] = ()
     data_path: Path | None = None  # read-only data folder, `{data}` in the command
     data_prepare: str | None = None  # command that writes the data folder when it is missing
+    data_mount: str | None = None  # the subfolder of data_path a run sees as `{data}` (None: all of it)
+    trust: Trust | None = None  # None: results are `untrusted` (claimed losses, observed times)
     knobs: tuple[Knob, ...] = ()
     ideas_file: Path | None = None
     description: str = ""
@@ -146,6 +184,50 @@ def _fidelities(raw: dict) -> dict[str, Fidelity]:
     return out
 
 
+def _positive(value: float, where: str) -> None:
+    if value <= 0:
+        raise TargetError(f"{where}: must be positive, got {value}")
+
+
+def _trust(raw: Any, readout: Readout) -> Trust:
+    if not isinstance(raw, dict):
+        raise TargetError(f"trust: expected a table, got {type(raw).__name__}")
+    known = set(Trust.__dataclass_fields__)
+    if unknown := sorted(set(raw) - known):
+        raise TargetError(f"trust.{unknown[0]}: unknown key (use {', '.join(sorted(known))})")
+    if readout.format != "speedrun":
+        raise TargetError("trust: needs readout.format = \"speedrun\" (the clock is observed from log lines)")
+    d = Trust.__dataclass_fields__
+    got: dict[str, Any] = {}
+    for name, f in d.items():
+        kind = {"str": str, "int": int, "float": float, "str | None": str}[str(f.type)]
+        got[name] = _get(raw, name, kind, "trust", ... if f.default is dataclasses.MISSING else f.default)
+    for var in re.findall(r"{(\w*)}", got["model_command"]):
+        if var not in TRUST_VARS:
+            raise TargetError(f"trust.model_command: unknown placeholder {{{var}}} (use {', '.join(TRUST_VARS)})")
+    try:
+        got["checkpoints"].format(step=0)
+    except (KeyError, IndexError, ValueError) as e:
+        raise TargetError(f"trust.checkpoints: a path with {{step}}, e.g. ckpt/step_{{step:06d}}.pt ({e})") from None
+    for name in ("checkpoints", "heldout"):
+        if Path(got[name]).is_absolute() or ".." in Path(got[name]).parts:
+            raise TargetError(f"trust.{name}: a relative path inside its folder, got {got[name]!r}")
+    for name in ("seq_len", "windows", "vocab", "every", "loss_tolerance", "probe_tolerance", "timeout_s"):
+        _positive(got[name], f"trust.{name}")
+    for name in ("clock_tolerance", "clock_slack_ms", "startup_allowance_s", "probe_rows"):
+        if got[name] < 0:
+            raise TargetError(f"trust.{name}: must not be negative, got {got[name]}")
+    got["pause_regex"] = got["pause_regex"] or None  # "" (TOML has no null): no pause marker
+    if got["pause_regex"] is not None:
+        try:
+            groups = set(re.compile(got["pause_regex"]).groupindex)
+        except re.error as e:
+            raise TargetError(f"trust.pause_regex: does not compile: {e}") from None
+        if "step" not in groups:
+            raise TargetError("trust.pause_regex: needs the named group step")
+    return Trust(**got)
+
+
 def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
     name = _get(raw, "name", str, "target")
     repo_raw = _get(raw, "repo", dict, "target", {})
@@ -177,8 +259,7 @@ def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
         raise TargetError(f"readout.line_regex: does not compile: {e}") from None
     if fmt == "speedrun" and not {"step", "val_loss", "train_ms"} <= groups:
         raise TargetError("readout.line_regex: needs named groups step, val_loss and train_ms")
-    readout = Readout(fmt, line_regex, _get(ro, "metrics_file", str, "readout", "metrics.jsonl"),
-                      _get(ro, "min_timed_fraction", float, "readout", 0.3))
+    readout = Readout(fmt, line_regex, _get(ro, "metrics_file", str, "readout", "metrics.jsonl"))
 
     obj = _get(raw, "objective", dict, "target", {})
     kind = _get(obj, "kind", str, "objective", "time_to_target")
@@ -196,12 +277,20 @@ def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
         cpus=_get(res, "cpus", int, "resources", 1),
         memory_mb=_get(res, "memory_mb", int, "resources", 4096),
         timeout_s=_get(res, "timeout_s", float, "resources", 600.0),
+        pids=_get(res, "pids", int, "resources", 512),
+        log_mb=_get(res, "log_mb", int, "resources", 64),
+        disk_mb=_get(res, "disk_mb", int, "resources", 4096),
     )
-    if resources.gpus < 0 or resources.cpus < 1 or resources.memory_mb < 64 or resources.timeout_s <= 0:
+    if resources.gpus < 0 or resources.cpus < 1 or resources.memory_mb < 64 or resources.timeout_s <= 0 \
+            or resources.pids < 16 or resources.log_mb < 1 or resources.disk_mb < 0:
         raise TargetError(f"resources: out of range: {resources}")
 
     data = _get(raw, "data", dict, "target", {})
     data_path = _get(data, "path", str, "data", None)
+    mount = _get(data, "mount", str, "data", None)
+    if mount is not None and (Path(mount).is_absolute() or ".." in Path(mount).parts or not data_path):
+        raise TargetError(f"data.mount: a subfolder of data.path, got {mount!r}")
+    trust = _trust(raw["trust"], readout) if "trust" in raw else None
     knobs_raw = _get(raw, "knobs", list, "target", [])
     knobs = tuple(parse_knob(k, f"knobs[{i}]", TargetError) for i, k in enumerate(knobs_raw))
     ideas = _get(raw, "ideas", str, "target", None)
@@ -224,6 +313,8 @@ def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
         passthrough_env=_str_list(run, "passthrough_env", "run", ()),
         data_path=(root / data_path.replace("{cache}", str(cache_dir()))).resolve() if data_path else None,
         data_prepare=_get(data, "prepare", str, "data", None),
+        data_mount=mount,
+        trust=trust,
         knobs=knobs,
         ideas_file=(root / ideas).resolve() if ideas else None,
         description=_get(raw, "description", str, "target", ""),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from env.evaluate import make_sandbox
 from env.rl import SpeedrunEnv
 from tests.toy import make_toy, mode_patch
@@ -12,6 +14,9 @@ from tests.toy import make_toy, mode_patch
 def test_reset_and_step(tmp_path: Path):
     toy = make_toy(tmp_path / "toy", sleep=0.02)
     env = SpeedrunEnv(toy, make_sandbox("process"), tmp_path / "runs", fidelity="full")
+    with pytest.raises(RuntimeError, match="untrusted"):  # the toy has no [trust] evaluator
+        env.reset(seed=0)
+    env = SpeedrunEnv(toy, make_sandbox("process"), tmp_path / "runs", fidelity="full", allow_untrusted=True)
     obs, info = env.reset(seed=0)
     assert "train.py" in obs["files"] and "RATE = 1.0" in obs["files"]["train.py"]
     assert "reaches the target loss" in obs["task"] and info["target_loss"] > 1.0

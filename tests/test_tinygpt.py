@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from env.trusted import cross_entropy, heldout_windows
 from search_space.edits import EditError
 from search_space.ideas import apply_ideas, load_ideas
 from search_space.knobs import read_constant, rewrite_constant
@@ -50,10 +51,11 @@ def shard_docs(paths: list[Path]) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """The real corpus (this Python's standard library), prepared once for the module."""
+    """The real corpus (this Python's standard library), prepared once for the module: the folder a
+    training run sees (run/; the held-out split is beside it)."""
     out = tmp_path_factory.mktemp("tinygpt") / "data"
     subprocess.run([sys.executable, "prepare.py", "--out", str(out)], cwd=HERE, check=True, capture_output=True)
-    return out
+    return out / "run"
 
 
 def train(tmp_path: Path, data: Path, text: str, *args: str) -> subprocess.CompletedProcess:
@@ -71,7 +73,7 @@ def train_here(tmp_path: Path, data: Path, text: str, *args: str) -> tuple[int, 
     out, argv = io.StringIO(), sys.argv
     sys.argv = ["train.py", "--data", str(data), *args]
     try:
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), contextlib.chdir(tmp_path):  # checkpoints land in tmp_path
             runpy.run_path(str(tmp_path / "train.py"), run_name="__main__")
         code = 0
     except SystemExit as e:
@@ -95,31 +97,40 @@ def test_prepare_writes_valid_disjoint_shards_and_is_idempotent(tmp_path: Path):
     out = tmp_path / "data"
     cmd = [sys.executable, "prepare.py", "--out", str(out), "--source", str(source)]
     subprocess.run(cmd, cwd=HERE, check=True, capture_output=True)
-    assert sorted(p.name for p in out.iterdir()) == ["DONE", "train_000.bin", "val_000.bin"]
-    train_docs, val_docs = shard_docs([out / "train_000.bin"]), shard_docs([out / "val_000.bin"])
+    assert sorted(p.name for p in out.iterdir()) == ["DONE", "heldout", "run"]
+    assert sorted(p.name for p in (out / "run").iterdir()) == ["train_000.bin", "val_000.bin"]
+    assert sorted(p.name for p in (out / "heldout").iterdir()) == ["val_000.bin"]
+    assert (out / "heldout").stat().st_mode & 0o077 == 0  # only its owner (the host) may read it
+    train_docs = shard_docs([out / "run" / "train_000.bin"])
+    dev_docs, heldout_docs = shard_docs([out / "run" / "val_000.bin"]), shard_docs([out / "heldout" / "val_000.bin"])
     originals = {p.read_bytes() for p in source.rglob("*.py") if "site-packages" not in p.parts}
-    assert val_docs and set(train_docs).isdisjoint(val_docs)
-    assert set(train_docs) | set(val_docs) == originals and len(train_docs) + len(val_docs) == 60
-    mtime = (out / "train_000.bin").stat().st_mtime_ns
+    assert dev_docs and heldout_docs
+    parts = [set(train_docs), set(dev_docs), set(heldout_docs)]
+    assert all(a.isdisjoint(b) for a, b in itertools.combinations(parts, 2))
+    assert set(train_docs) | set(dev_docs) | set(heldout_docs) == originals
+    assert len(train_docs) + len(dev_docs) + len(heldout_docs) == 60
+    mtime = (out / "run" / "train_000.bin").stat().st_mtime_ns
     again = subprocess.run(cmd, cwd=HERE, check=True, capture_output=True, text=True)
-    assert "nothing to do" in again.stdout and (out / "train_000.bin").stat().st_mtime_ns == mtime
+    assert "nothing to do" in again.stdout and (out / "run" / "train_000.bin").stat().st_mtime_ns == mtime
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
 def test_prepare_split_is_by_document_and_deterministic():
     prep = _prepare_module()
     docs = [(f"a/m{i}.py", f"x = {i}\n".encode()) for i in range(300)]
-    train1, val1 = prep.split(docs)
-    train2, val2 = prep.split(list(reversed(docs)))
-    assert (train1, val1) == (train2, val2)
-    assert 0.02 < len(val1) / len(docs) < 0.12 and set(train1).isdisjoint(val1)
+    train1, dev1, held1 = prep.split(docs)
+    assert (train1, dev1, held1) == prep.split(list(reversed(docs)))
+    for part in (dev1, held1):
+        assert 0.02 < len(part) / len(docs) < 0.12 and set(train1).isdisjoint(part)
+    assert set(dev1).isdisjoint(held1)
 
 
 def test_real_corpus(data: Path):
-    assert (data / "DONE").exists()
+    assert (data.parent / "DONE").exists()
     train_paths = sorted(data.glob("train_*.bin"))
     assert train_paths and sum(len(read_shard(p)) for p in train_paths) > 2_000_000
     assert 100_000 < len(read_shard(data / "val_000.bin")) <= 2**20
+    assert 100_000 < len(read_shard(data.parent / "heldout" / "val_000.bin")) <= 2**20
 
 
 def test_baseline_prints_speedrun_lines(tmp_path: Path, data: Path):
@@ -134,6 +145,29 @@ def test_baseline_prints_speedrun_lines(tmp_path: Path, data: Path):
     assert [f["step"] for f in found] == ["0", "3"]  # the readout sees validation lines only
     again = train(tmp_path / "again", data, (HERE / "train.py").read_text(), "--seed", "1", "--steps", "3")
     assert val_losses(again.stdout) == val_losses(run.stdout)  # same seed, same run
+
+
+def test_checkpoints_and_model_server_reproduce_the_logged_loss(tmp_path: Path, data: Path):
+    """The frozen trainer marks each validation and saves a checkpoint there; the frozen model server,
+    fed the trainer's own dev windows, gives logits whose loss (the host's numpy code) is the logged one."""
+    run = train(tmp_path, data, (HERE / "train.py").read_text(), "--steps", "3")
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert [x for x in lines if x.endswith("val_start")] == ["step:0/3 val_start", "step:3/3 val_start"]
+    assert VAL_LINE.match(lines[lines.index("step:3/3 val_start") + 1])  # the marker comes right before
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000000.pt", "step_000003.pt"]
+    (tmp_path / "model_server.py").write_text((HERE / "model_server.py").read_text())
+    windows = heldout_windows(data / "val_000.bin", 128, 128)  # the same windows as the trainer's fixed set
+    np.save(tmp_path / "x.npy", windows[:, :-1])
+    (tmp_path / "ckpts.txt").write_text("ckpt/step_000000.pt\nckpt/step_000003.pt\n")
+    served = subprocess.run([sys.executable, "model_server.py", "--ckpts", "ckpts.txt", "--inputs", "x.npy",
+                             "--out", "out"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert served.returncode == 0, served.stderr[-2000:]
+    for i, (step, logged) in enumerate(val_losses(run.stdout)):
+        logits = np.load(tmp_path / "out" / f"{i:03d}.npy")
+        assert logits.shape == (128, 128, 256) and logits.dtype == np.float32
+        assert abs(cross_entropy(logits, windows[:, 1:]) - logged) < 1e-3, step
 
 
 def test_train_py_has_one_evolve_block_holding_the_knobs():

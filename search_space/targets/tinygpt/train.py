@@ -12,7 +12,11 @@ validation set and its loss, timing and logging. The block must define:
     train_step(model, opts, next_batch, step, cfg) -> training loss (a tensor)
 
 `cfg` carries the preset's entries plus preset, device, vocab_size, val_seq_len (the model must
-accept sequences that long), total_steps and seed. `next_batch(B, T)` returns (x, y) on the
+accept sequences that long), total_steps and seed. At every validation the frozen loop prints
+`step:N/M val_start`, validates, saves the model's state_dict to ckpt/step_NNNNNN.pt and prints the
+val_loss line: speedsearch's evaluator rebuilds the model with build_model(cfg), loads that state
+(so everything the model needs must be in it) and recomputes the loss on held-out data in a separate
+process (model_server.py); the logged val_loss is on a dev split and is only checked against it. `next_batch(B, T)` returns (x, y) on the
 device: B random windows of T training tokens and their next tokens. On CUDA, train_step and
 validation run under bf16 autocast, the model is compiled, and a few untimed warm-up steps run
 first; the model and optimizer states are then restored, so train_step must keep its state there.
@@ -156,6 +160,7 @@ RUNS = {  # frozen per preset: default steps, logging cadence, and the fixed val
     "gpu": dict(steps=1000, val_every=100, log_every=25, val_seq_len=1024, val_seqs=512, val_batch=64),
 }
 CUDA_WARMUP_STEPS = 3
+CKPT_PATTERN = "ckpt/step_{step:06d}.pt"  # relative to the working folder; target*.toml [trust] checkpoints
 
 
 def load_shard(path):
@@ -212,11 +217,20 @@ def evaluate(model, windows, batch, autocast):
     return torch.stack(losses).mean().item()
 
 
+def save_checkpoint(model, step):
+    """The raw model's weights at a validation step, for the trusted evaluator (model_server.py)."""
+    path = Path(CKPT_PATTERN.format(step=step))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # complete or absent, never half-written
+
+
 def main():
     parser = argparse.ArgumentParser(description="tinygpt trainer")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
-    parser.add_argument("--data", type=Path, required=True, help="folder of train_*.bin and val_000.bin")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder of train_*.bin and val_000.bin (the dev split; the held-out split is elsewhere)")
     parser.add_argument("--preset", choices=sorted(RUNS), default="cpu")
     args = parser.parse_args()
     run = RUNS[args.preset]
@@ -283,7 +297,12 @@ def main():
         if step % run["val_every"] == 0 or step == total:
             sync()
             train_ms += 1000 * (time.perf_counter() - t0) if step else 0.0
+            # The pause marker lets the host's clock see where training stopped; the checkpoint lets
+            # its evaluator recompute this point on data this run never sees (both untimed).
+            say(f"step:{step}/{total} val_start", flush=True)
             val_loss = evaluate(model, val_windows, run["val_batch"], autocast)
+            if rank == 0:
+                save_checkpoint(raw_model, step)
             say(line(step, "val_loss", val_loss, train_ms), flush=True)
             if not math.isfinite(val_loss):
                 sys.exit(1)

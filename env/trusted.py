@@ -1,0 +1,392 @@
+"""Trusted measurement: what a run's result records is measured here, on the host, never believed.
+
+- Clock: every training interval the log claims between two validations must agree with the interval
+  the sandbox observed (the arrival of the step's pause marker minus the arrival of the previous
+  validation line); the recorded times are the observed ones.
+- Log: validations at every step the target expects (step 0 included), start-up within its allowance.
+- Loss: the trainer saves a checkpoint at each validation; the host copies it out of the run when the
+  validation line arrives (so a run cannot rewrite an earlier checkpoint later). After the run, the
+  target's frozen `model_command` loads each checkpoint with the candidate's model code, in fresh
+  sandboxed processes that see only the held-out INPUT windows (never the data folder), and writes
+  logits; the loss against the next tokens is computed here, in numpy. Another fresh process gets
+  the same windows with the tokens after a random cut (per row) replaced: logits before the cut
+  must not change (look-ahead). The model processes may start with the training run (`{go}`): they
+  import their frameworks and wait; candidate code loads only once the training run is gone.
+Every disagreement is a problem string naming the detection and both numbers; the caller makes the
+run `invalid`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from env.readout import CurveReader
+from env.sandbox import Limits, Sandbox, SandboxOutcome, SandboxRequest
+from search_space.records import Point
+from search_space.target import Trust
+
+MAGIC, HEADER_INTS = 20240520, 256  # the NanoGPT speedrun's .bin shard: int32 header, uint16 tokens
+TAIL_CHARS = 1500
+NORMAL_SHARDS = 2  # processes for the normal pass: each takes every other checkpoint, all run at once
+
+
+def expected_steps(total: int, every: int) -> list[int]:
+    return sorted({*range(0, total, every), total})
+
+
+def _steps_text(steps: list[int]) -> str:
+    if len(steps) > 6:
+        return f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
+    return ", ".join(map(str, steps)) or "none"
+
+
+def log_problems(trust: Trust, reader: CurveReader, total: int, started: float) -> tuple[list[str], dict]:
+    """The checks that need only the log and its arrival times: regular validations, start-up, clock."""
+    problems: list[str] = []
+    info: dict = {}
+    want, got = expected_steps(total, trust.every), [p.step for p in reader.points]
+    if got != want:
+        problems.append(f"log: validations expected at steps {_steps_text(want)}; the log has {_steps_text(got)}")
+    if reader.first_line is not None:
+        info["startup_s"] = round(reader.first_line - started, 3)
+        if info["startup_s"] > trust.startup_allowance_s:
+            problems.append(f"start-up: {info['startup_s']:.1f} s passed before step 0, the allowance is "
+                            f"{trust.startup_allowance_s:g} s")
+    bad = []
+    for i in range(1, len(reader.points)):
+        prev, cur = reader.points[i - 1], reader.points[i]
+        end = reader.pauses.get(cur.step, reader.arrivals[i])  # no marker: line to line (stricter)
+        observed = 1000 * (end - reader.arrivals[i - 1])
+        claimed = cur.train_ms - prev.train_ms
+        if abs(claimed - observed) > trust.clock_tolerance * observed + trust.clock_slack_ms:
+            bad.append((abs(claimed - observed), prev.step, cur.step, claimed, observed))
+    if bad:
+        _, a, b, claimed, observed = max(bad)
+        more = f"; {len(bad) - 1} more intervals disagree" if len(bad) > 1 else ""
+        problems.append(f"clock: the log claims {claimed:.0f} ms of training between steps {a} and {b}, the "
+                        f"sandbox observed {observed:.0f} ms (tolerance {trust.clock_tolerance:.0%} + "
+                        f"{trust.clock_slack_ms:g} ms){more}")
+    return problems, info
+
+
+def observed_curve(reader: CurveReader, losses: dict[int, float] | None = None) -> list[Point]:
+    """The curve to record: each point's time is the sandbox's (since step 0's line, pauses included);
+    its loss the measured one where given, else the claimed one."""
+    if not reader.points:
+        return []
+    t0 = reader.arrivals[0]
+    return [Point(p.step, (losses or {}).get(p.step, p.val_loss), round(1000 * (t - t0), 1))
+            for p, t in zip(reader.points, reader.arrivals, strict=True)]
+
+
+class CheckpointKeeper:
+    """Copies each validation step's checkpoint out of the run when its line arrives."""
+
+    def __init__(self, trust: Trust, workdir: Path, keep_dir: Path):
+        self.trust, self.workdir, self.keep_dir = trust, workdir, keep_dir
+        self.kept: dict[int, Path] = {}
+        self.missing: dict[int, str] = {}
+
+    def take(self, step: int) -> None:
+        src = self.workdir / self.trust.checkpoints.format(step=step)
+        dest = self.keep_dir / f"step_{step:06d}{src.suffix}"
+        try:
+            # O_NOFOLLOW and O_NONBLOCK: a symlink or a FIFO planted by the run must not steer or block us
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            self.missing[step] = f"{src.relative_to(self.workdir)}: {e.strerror}"
+            return
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self.missing[step] = f"{src.relative_to(self.workdir)} is not a regular file"
+                return
+            self.keep_dir.mkdir(parents=True, exist_ok=True)
+            with os.fdopen(fd, "rb", closefd=False) as f, open(dest, "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+            self.kept[step] = dest
+        finally:
+            os.close(fd)
+
+    def problems(self, steps: list[int]) -> list[str]:
+        out = []
+        for step in steps:
+            if step not in self.kept:
+                why = self.missing.get(step, "no checkpoint was saved before its validation line")
+                out.append(f"checkpoint: no checkpoint for step {step} ({why})")
+        return out
+
+
+_WINDOWS: dict[tuple[Path, int, int], np.ndarray] = {}
+
+
+def heldout_windows(path: Path, n: int, seq_len: int) -> np.ndarray:
+    """n windows of seq_len + 1 tokens, evenly spaced over the held-out shard (the same every run)."""
+    key = (path, n, seq_len)
+    if key not in _WINDOWS:
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+        if len(header) < HEADER_INTS or header[0] != MAGIC:
+            raise ValueError(f"{path}: not a token shard (magic {MAGIC})")
+        tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(int(header[2]),))
+        starts = np.linspace(0, len(tokens) - seq_len - 1, n).astype(np.int64)
+        _WINDOWS[key] = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+    return _WINDOWS[key]
+
+
+def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Mean next-token cross-entropy, computed here (never by the candidate's code): float32
+    arithmetic per position (exact enough for a few hundred classes), float64 sums."""
+    x = np.asarray(logits, dtype=np.float32).reshape(-1, logits.shape[-1])
+    m = x.max(axis=1)
+    total = np.exp(x - m[:, None]).sum(axis=1, dtype=np.float64)
+    picked = x[np.arange(len(x)), targets.reshape(-1)].astype(np.float64) - m
+    return float(np.mean(np.log(total) - picked))
+
+
+@dataclass
+class Pass:
+    """One fresh model process: its folder, the checkpoints it loads, its inputs, what it wrote."""
+
+    name: str
+    folder: Path
+    steps: list[int] = field(default_factory=list)
+    inputs: np.ndarray | None = None
+    problem: str | None = None
+    seconds: float = 0.0  # the model process's wall time
+    outcome: SandboxOutcome | None = None
+    thread: threading.Thread | None = None
+
+
+@dataclass
+class Measured:
+    losses: dict[int, float]
+    problems: list[str]
+    info: dict
+
+
+def probe_inputs(windows: np.ndarray, rows: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[int, int]]:
+    """The inputs with `rows` rows cut at their own random position: every token after the cut is
+    replaced by the same positions of another held-out window (so it still looks like text)."""
+    x = windows[:, :-1].copy()
+    n, t = x.shape
+    cuts: dict[int, int] = {}
+    for r in rng.choice(n, size=min(rows, n), replace=False):
+        cut = int(rng.integers(0, t - 1))
+        donor = int((r + rng.integers(1, n)) % n) if n > 1 else r
+        x[r, cut + 1:] = windows[donor, cut + 1:t]
+        cuts[int(r)] = cut
+    return x, cuts
+
+
+def lookahead_problem(normal: np.ndarray, probed: np.ndarray, cuts: dict[int, int],
+                      tol: float) -> tuple[str | None, float]:
+    worst = (0.0, 0, 0)
+    for r, cut in cuts.items():
+        d = np.abs(probed[r, :cut + 1] - normal[r, :cut + 1]).max(axis=-1)
+        if not np.all(np.isfinite(d)):
+            return f"look-ahead: logits at positions up to {cut} of a probed row are not finite", float("inf")
+        worst = max(worst, (float(d.max()), int(d.argmax()), cut))
+    d, pos, cut = worst
+    if d > tol:
+        return (f"look-ahead: logits at position {pos} changed by {d:.4g} when only tokens after position "
+                f"{cut} changed (tolerance {tol:g})"), d
+    return None, d
+
+
+class Evaluator:
+    """The model processes of one run's trusted evaluation: the normal pass over the checkpoints
+    (split between NORMAL_SHARDS processes, which run at once) and the look-ahead probe of the last
+    one, each a fresh sandboxed process in a fresh copy of the candidate's committed code (not what
+    the run left behind).
+
+    With `{go}` in the model command, `start()` launches them beside the training run: they import
+    their frameworks, then wait for the go file; `finish()` writes their inputs and the go file once
+    the training run has ended, so no candidate code ever runs beside it. Without `{go}`, `finish()`
+    starts them. `close()` stops and removes whatever is left, whatever happened.
+    """
+
+    def __init__(self, trust: Trust, sandbox: Sandbox, materialise: Callable[[Path], None], run_dir: Path,
+                 env: dict[str, str], limits: Limits, hide: tuple[Path, ...], keep: bool = False):
+        self.trust, self.sandbox, self.materialise = trust, sandbox, materialise
+        self.env, self.limits, self.hide, self.keep = env, limits, hide, keep
+        self.run_dir = run_dir
+        self.early = "{go}" in trust.model_command
+        self.cancel = threading.Event()
+        self.normal = [Pass(f"trusted-{i}", run_dir / f"trusted-{i}") for i in range(NORMAL_SHARDS)]
+        self.probe = Pass("probe", run_dir / "probe") if trust.probe_rows else None
+        self.passes = self.normal + ([self.probe] if self.probe else [])
+        self.started = False
+
+    def start(self, wait_s: float = 0.0) -> None:
+        """Launch the model processes; `wait_s` is how long they may wait for the go file."""
+        command = self.trust.model_command.format(ckpts=".trusted/ckpts.txt", inputs=".trusted/inputs.npy",
+                                                  out=".trusted/out", go=".trusted/go")
+        limits = dataclasses.replace(self.limits, timeout_s=self.trust.timeout_s + wait_s)
+        for p in self.passes:
+            if not p.folder.exists():
+                self.materialise(p.folder)
+                (p.folder / ".trusted").mkdir()
+            request = SandboxRequest(command=command, workdir=p.folder, log_path=self.run_dir / f"{p.name}.log",
+                                     env=dict(self.env), limits=limits, data=None, hide=self.hide)
+            p.thread = threading.Thread(target=self._run, args=(p, request), name=f"trusted-{p.name}", daemon=True)
+            p.thread.start()
+        self.started = True
+
+    def _run(self, p: Pass, request: SandboxRequest) -> None:
+        t = time.perf_counter()
+        try:
+            p.outcome = self.sandbox.run(request, cancel=self.cancel)
+        except Exception as e:  # a sandbox that cannot start: still a reason
+            p.problem = f"sandbox error: {type(e).__name__}: {e}"
+        p.seconds = round(time.perf_counter() - t, 3)
+
+    def finish(self, kept: dict[int, Path], heldout: Path, claimed: dict[int, float]) -> Measured:
+        """Recompute the loss at every kept checkpoint and probe the last one for look-ahead."""
+        trust = self.trust
+        windows = heldout_windows(heldout, trust.windows, trust.seq_len)
+        rng = np.random.default_rng(secrets.randbits(64))  # drawn here, unknown to the model process
+        probed, cuts = probe_inputs(windows, trust.probe_rows, rng)
+        steps = sorted(kept)
+        for i, p in enumerate(self.normal):
+            p.steps, p.inputs = steps[i::len(self.normal)], windows[:, :-1]
+        if self.probe is not None:
+            self.probe.steps, self.probe.inputs = steps[-1:], probed
+        if not self.started:
+            for p in self.passes:
+                self.materialise(p.folder)
+                (p.folder / ".trusted").mkdir()
+                self._hand_over(p, kept)
+            self.start()
+        else:
+            for p in self.passes:
+                # The process says when it is inside its sandbox and waiting: the folder it sees is mounted.
+                deadline = time.monotonic() + trust.timeout_s
+                while not (p.folder / ".trusted" / "waiting").exists() and p.thread.is_alive() \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                self._hand_over(p, kept)
+        # The losses are computed as each checkpoint's logits appear, while the process works on the next.
+        losses: dict[int, float] = {}
+        last = None
+        for p in self.normal:
+            got, logits = self._stream(p, windows[:, 1:])
+            losses.update(got)
+            if p.steps and steps and p.steps[-1] == steps[-1]:
+                last = logits
+        for p in self.passes:
+            p.thread.join()
+            self._check_outcome(p)
+        if self.probe is not None and not self.probe.problem:
+            probe_logits = self._load(self.probe, 0)
+        info: dict = {"heldout_windows": int(len(windows)), "heldout_tokens": int(windows[:, 1:].size),
+                      "probe_rows": len(cuts), "process_s": {p.name: p.seconds for p in self.passes},
+                      "started_early": self.early}
+        problems = [f"trusted evaluation ({p.name} pass): {p.problem}" for p in self.passes if p.problem]
+        if problems:
+            return Measured({}, problems, info)
+        if self.probe is not None:
+            why, d = lookahead_problem(last, probe_logits, cuts, trust.probe_tolerance)
+            info["probe_max_change"] = d
+            if why:
+                problems.append(why)
+        losses = dict(sorted(losses.items()))
+        for s in steps:
+            c, m = claimed.get(s), losses[s]
+            if c is not None and not abs(c - m) <= trust.loss_tolerance:
+                problems.append(f"loss: the log claims val_loss {c:.4f} at step {s}, the trusted evaluation "
+                                f"measured {m:.4f} (tolerance {trust.loss_tolerance:g})")
+        if len(problems) > 3:  # one loss line per checkpoint says nothing more after the first few
+            problems[3:] = [f"{len(problems) - 3} more disagreements"]
+        return Measured(losses, problems, info)
+
+    def _stream(self, p: Pass, targets: np.ndarray) -> tuple[dict[int, float], np.ndarray | None]:
+        """The loss of each checkpoint of the normal pass as soon as its file is complete (the server
+        renames it into place); returns the losses and the last checkpoint's logits (for the probe)."""
+        losses: dict[int, float] = {}
+        logits = None
+        for i, s in enumerate(p.steps):
+            path = p.folder / ".trusted" / "out" / f"{i:03d}.npy"
+            while not path.exists() and p.thread.is_alive():
+                time.sleep(0.005)
+            logits = self._load(p, i)
+            if logits is None:
+                break
+            losses[s] = cross_entropy(logits, targets)
+        return losses, logits
+
+    def _hand_over(self, p: Pass, kept: dict[int, Path]) -> None:
+        """The checkpoints, their list and the inputs into the pass's folder; the go file last."""
+        io = p.folder / ".trusted"
+        (io / "ckpt").mkdir(exist_ok=True)
+        names = []
+        for s in p.steps:
+            shutil.copyfile(kept[s], io / "ckpt" / kept[s].name)
+            names.append(f".trusted/ckpt/{kept[s].name}")
+        (io / "ckpts.txt").write_text("\n".join(names) + "\n")
+        np.save(io / "inputs.npy", p.inputs)
+        (io / "go.tmp").write_text("")
+        os.replace(io / "go.tmp", io / "go")
+
+    def _check_outcome(self, p: Pass) -> None:
+        out, log = p.outcome, self.run_dir / f"{p.name}.log"
+        if out is None or out.killed or out.exit_code != 0:  # the cause, rather than its missing logits
+            if out is None:
+                p.problem = p.problem or "the model process did not start"
+                return
+            why = "; ".join(filter(None, (out.killed or f"exit code {out.exit_code}", out.detail)))
+            p.problem = f"the model process failed ({why}); log tail:\n{_tail(log)}"
+
+    def _load(self, p: Pass, i: int) -> np.ndarray | None:
+        """The i-th logits file of a pass, checked (a plain file, float32, the expected shape)."""
+        path, step = p.folder / ".trusted" / "out" / f"{i:03d}.npy", p.steps[i]
+        want = (*p.inputs.shape, self.trust.vocab)
+        if not path.is_file() or path.is_symlink():
+            p.problem = p.problem or f"no logits for the checkpoint of step {step}"
+            return None
+        try:
+            arr = np.load(path, allow_pickle=False, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            p.problem = p.problem or f"unreadable logits for step {step}: {e}"
+            return None
+        if arr.shape != want or arr.dtype != np.float32:
+            got = f"{arr.dtype}{list(arr.shape)}"
+            p.problem = p.problem or f"logits for step {step} are {got}, expected float32{list(want)}"
+            return None
+        return np.array(arr)
+
+    def close(self) -> None:
+        """Stop what still runs (a run that ended badly never sends go) and remove the folders, all
+        passes at once (unmounting a volume takes a while)."""
+        self.cancel.set()
+
+        def clean(p: Pass) -> None:
+            if p.thread is not None:
+                p.thread.join()
+            release = getattr(self.sandbox, "release", None)
+            if release is not None and p.folder.exists():
+                release(p.folder, keep=self.keep)
+            if not self.keep:
+                shutil.rmtree(p.folder, ignore_errors=True)
+
+        cleaners = [threading.Thread(target=clean, args=(p,)) for p in self.passes]
+        for t in cleaners:
+            t.start()
+        for t in cleaners:
+            t.join()
+
+
+def _tail(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")[-TAIL_CHARS:]
+    except OSError:
+        return ""
