@@ -1,4 +1,6 @@
-"""Statistics over runs: the baseline band, the objective, the speedrun's t-test, timing ratios."""
+"""The baseline band (a curve clearly worse than the base's stops early) and the mean curve over seeds.
+
+The verdict (objective per run, speed-up, confirmation test) lives in search_space/judge.py."""
 
 from __future__ import annotations
 
@@ -6,8 +8,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
+from search_space.judge import run_objective
 from search_space.records import Point, RunResult, Status
 
 
@@ -77,78 +79,13 @@ def mean_curve(runs: list[RunResult]) -> list[Point]:
             for s in common]
 
 
-def crossing(curve: list[Point], target_loss: float, axis: str = "train_ms") -> float:
-    """Where the curve first reaches target_loss, interpolated linearly; inf when it never does."""
-    prev = None
-    for p in curve:
-        if p.val_loss <= target_loss:
-            x = getattr(p, axis)
-            if prev is None or prev.val_loss == p.val_loss:
-                return float(x)
-            px = getattr(prev, axis)
-            frac = (prev.val_loss - target_loss) / (prev.val_loss - p.val_loss)
-            return float(px + frac * (x - px))
-        prev = p
-    return math.inf
-
-
 def objective(kind: str, runs: list[RunResult], target_loss: float) -> float | None:
-    """The objective over seeds (lower is better); None when any seed did not finish."""
+    """The objective of the seeds' mean curve (lower is better): inf when the mean curve never
+    reaches the target, None when any seed did not finish. A single number for a reward or a
+    rung; the speed-up a candidate is judged by is `search_space.judge.speedup` over pairs."""
     if not runs or any(r.status != Status.OK for r in runs):
         return None
-    curve = mean_curve(runs)
-    if kind == "loss_at_budget":
-        return curve[-1].val_loss
-    return crossing(curve, target_loss, "train_ms" if kind == "time_to_target" else "step")
-
-
-def loss_pvalue(losses: list[float], target_loss: float) -> float:
-    """One-sided t-test that the mean final loss is below the target (the speedrun's p < 0.01)."""
-    if len(losses) < 2:
-        return 1.0
-    if np.std(losses) == 0:
-        return 0.0 if np.mean(losses) < target_loss else 1.0
-    return float(stats.ttest_1samp(losses, target_loss, alternative="less").pvalue)
-
-
-@dataclass(frozen=True)
-class Ratio:
-    """candidate / baseline, with a confidence interval from the log-ratios' t distribution."""
-
-    ratio: float
-    low: float
-    high: float
-    n: int
-
-
-def timing_ratio(candidate_ms: list[float], baseline_ms: list[float], confidence: float = 0.95,
-                 paired: bool = True) -> Ratio:
-    """candidate / baseline as a ratio of geometric means, with a t interval on log times.
-
-    Paired when asked and the lists have equal length (runs interleaved on one machine); otherwise
-    Welch's unequal-variance interval.
-    """
-    c, b = np.log(candidate_ms), np.log(baseline_ms)
-    if paired and len(c) == len(b) and len(c) > 1:
-        d = c - b
-        m, se, df = d.mean(), d.std(ddof=1) / math.sqrt(len(d)), len(d) - 1
-    else:
-        m = c.mean() - b.mean()
-        vc = c.var(ddof=1) / len(c) if len(c) > 1 else 0.0
-        vb = b.var(ddof=1) / len(b) if len(b) > 1 else 0.0
-        se = math.sqrt(vc + vb)
-        df = (vc + vb) ** 2 / (vc**2 / max(len(c) - 1, 1) + vb**2 / max(len(b) - 1, 1)) if se > 0 else 1
-    t = stats.t.ppf(0.5 + confidence / 2, max(df, 1)) if se > 0 else 0.0
-    return Ratio(math.exp(m), math.exp(m - t * se), math.exp(m + t * se), min(len(c), len(b)))
-
-
-def decide(losses: list[float], target_loss: float, alpha: float = 0.01, max_seeds: int = 8) -> str:
-    """Sequential confirmation: "pass", "fail", or "more" (add a seed while the answer is unclear)."""
-    p = loss_pvalue(losses, target_loss)
-    if p < alpha:
-        return "pass"
-    if len(losses) >= max_seeds:
-        return "fail"
-    if len(losses) >= 3 and np.mean(losses) > target_loss and loss_pvalue([-x for x in losses], -target_loss) < 0.05:
-        return "fail"  # clearly above the target: more seeds would not change the answer
-    return "more"
+    obs = run_objective(kind, mean_curve(runs), target_loss)
+    if obs is None:
+        return None
+    return math.inf if obs.censored else obs.value

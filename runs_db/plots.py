@@ -73,9 +73,10 @@ def _zoom(ax, runs: Sequence[RunResult], target_loss: float | None) -> None:
     ax.set_ylim(low - 0.05 * span, high + 0.05 * span)
 
 
-def plot_progress(points: Sequence[tuple[int, str, float]], path: Path, title: str = "") -> Path | None:
+def plot_progress(points: Sequence[tuple[int, str, float]], path: Path, title: str = "", what: str = "") -> Path | None:
     """Speed-up over the baseline per trial (one marker per rung) and the best so far at `full`
-    or above. `points` are (trial number, rung, speed-up); returns the PNG's path."""
+    or above. `points` are (trial number, rung, speed-up estimate); `what` says what the speed-up
+    compares, in the words of `judge.Speedup.text()` (e.g. "time to loss 2.466"); returns the PNG's path."""
     if not points:
         return None
     rungs = ("short", "full", "confirm")
@@ -94,10 +95,10 @@ def plot_progress(points: Sequence[tuple[int, str, float]], path: Path, title: s
         line.append((n, best))
     if any(b for _, b in line):
         ax.step([n for n, _ in line], [b for _, b in line], where="post", color="black", linewidth=1,
-                label="best at full or confirm")
+                label="best estimate at full or confirm (not a verdict)")
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
     ax.set_xlabel("trial")
-    ax.set_ylabel("speed-up over the baseline")
+    ax.set_ylabel(f"speed-up vs base{', ' + what if what else ''} (base / candidate)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:
