@@ -111,6 +111,9 @@ def launch(
     sandbox: str = typer.Option("process", help="process | docker"),
     models: str = typer.Option("claude-sonnet-4-6", help="LLM model, or model:weight,model:weight"),
     seed: int = typer.Option(0, help="the policy's random seed"),
+    fdr: float = typer.Option(0.05, help="false discovery rate the confirmations are held to (LORD++)"),
+    allow_untrusted: bool = typer.Option(False, "--allow-untrusted",
+                                         help="confirm candidates of a target without a trusted evaluator"),
     resume: bool = typer.Option(False, help="continue the search in --dir with its saved settings"),
 ) -> None:
     """Run an autonomous search: propose, evaluate on the Ray pool, record, learn, repeat."""
@@ -122,7 +125,7 @@ def launch(
             target=target, proposers=_split(proposers), workers=workers, budget_trials=budget_trials,
             budget_minutes=budget_minutes, budget_gpu_hours=budget_gpu_hours, budget_dollars=budget_dollars,
             seeds=seeds, max_fidelity=max_fidelity, storage=storage, ray_address=ray_address, sandbox=sandbox,
-            models=models, seed=seed)
+            models=models, seed=seed, fdr=fdr, allow_untrusted=allow_untrusted)
         db, settings = open_search(dir, settings)
     except (ValueError, TargetError, FileExistsError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
@@ -161,7 +164,7 @@ def replay(
     commit: str = typer.Option(..., help="the candidate's commit (a prefix will do)"),
     seeds: int = typer.Option(5, help="seeds to run, each beside a run of the base"),
 ) -> None:
-    """Run a candidate again with fresh seeds, interleaved with the base: t-test and timing ratio."""
+    """Run a candidate again with fresh seeds, each beside a base run: the speed-up and its interval."""
     from agent.replay import replay as run_replay
     from agent.runner import make_pool
     from agent.settings import SearchSettings
@@ -174,18 +177,15 @@ def replay(
         with console.status(f"replaying {commit[:10]} with {seeds} seeds beside the base"):
             r = run_replay(db, t, pool, commit, seeds)
     table = Table("seed", "candidate val_loss", "candidate ms", "base val_loss", "base ms",
-                  title=f"replay of {r.commit[:10]} (trial {r.trial})")
+                  title=f"{r.purpose} of {r.commit[:10]} (trial {r.trial}), beside the base (trial {r.base_trial})")
     for c, b in zip(r.candidate, r.base, strict=True):
         fc, fb = c.final, b.final
         table.add_row(str(c.seed), f"{fc.val_loss:.4f}" if fc else c.status.value, f"{fc.train_ms:.0f}" if fc else "-",
                       f"{fb.val_loss:.4f}" if fb else b.status.value, f"{fb.train_ms:.0f}" if fb else "-")
     out = Console()
     out.print(table)
-    out.print(f"target loss {r.target_loss:.4f}; one-sided t-test p = {r.pvalue:.4g} "
-              f"({'passes' if r.pvalue < 0.01 else 'does not pass'} p < 0.01)")
-    if r.ratio:
-        out.print(f"time ratio candidate/base {r.ratio.ratio:.3f} (95% CI {r.ratio.low:.3f} to {r.ratio.high:.3f}, "
-                  f"{r.ratio.n} pairs on this machine)")
+    for line in r.lines():
+        out.print(line, highlight=False, markup=False)  # "[no interval]" is words, not a style
 
 
 @app.command()
@@ -194,6 +194,8 @@ def export(
     commit: str = typer.Option(..., help="the candidate's commit (a prefix will do)"),
     name: str = typer.Option(..., help="the record's name, e.g. RotaryQKNorm"),
     out: Path = typer.Option(Path("."), help="where records/<date>_<name>/ goes"),
+    allow_untrusted: bool = typer.Option(False, "--allow-untrusted",
+                                         help="export even when runs are untrusted (claimed losses)"),
 ) -> None:
     """Write a record folder (README, logs, statistics, plot, PR body) and an export/<name> branch."""
     from agent.settings import SearchSettings
@@ -204,7 +206,7 @@ def export(
     with RunsDB.open(dir) as db:
         t = _target(SearchSettings.from_dict(db.settings).target)
         try:
-            folder = run_export(db, commit, out, name, t)
+            folder = run_export(db, commit, out, name, t, allow_untrusted=allow_untrusted)
         except ExportError as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(2) from None

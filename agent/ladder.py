@@ -1,45 +1,93 @@
-"""The fidelity ladder: which rung a candidate climbs to next, given what it just did.
+"""The fidelity ladder: where a candidate goes after a rung, given what it just did. Pure.
 
-smoke (does it run) -> short (one seed, part of the steps) -> full (one seed) -> confirm (seeds added
-sequentially until the speedrun's t-test answers). A candidate climbs only while it beats the
-baseline at the rung it just ran.
+smoke (does it run) -> short (one seed, part of the steps) -> full (one seed) -> confirm (fresh
+seeds, each run beside a baseline run with the same seed, until the sequential paired test of
+`search_space.judge` answers). A candidate climbs only while it beats the baseline at the rung it
+just ran; an untrusted measurement never enters confirm unless the settings allow it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from env.stats import decide
+from agent.names import Rung, Verdict
+from search_space import judge
+from search_space.judge import Obs
 from search_space.records import RunResult, Status
-
-CONFIRM_SEED0 = 1000  # confirm seeds are never the seeds of the single-seed rungs or of the baseline
-ADD_SEEDS = 2
 
 
 @dataclass(frozen=True)
-class Next:
-    rung: str | None  # None: the candidate stops here
-    seeds: tuple[int, ...] = ()
-    extend: bool = False  # True: add `seeds` to the same confirm trial
-    verdict: str = ""  # for confirm: pass | fail | more
+class Step:
+    rung: str | None  # the rung to run next; None: the candidate leaves the ladder with `verdict`
+    seeds: int = 0  # how many seeds (confirm: pairs) the next batch runs
+    verdict: str = ""
 
 
-def next_rung(rung: str, ladder: tuple[str, ...], results: list[RunResult], speedup: float, min_speedup: float,
-              target_loss: float, seeds: int, max_seeds: int) -> Next:
-    if not results or any(r.status != Status.OK for r in results):
-        return Next(None)
-    following = ladder[ladder.index(rung) + 1] if ladder.index(rung) + 1 < len(ladder) else None
-    if rung == "smoke":
-        return Next(following, (0,))
-    if rung in ("short", "full"):
-        if speedup <= min_speedup or following is None:
-            return Next(None)
-        if following == "confirm":
-            return Next("confirm", tuple(range(CONFIRM_SEED0, CONFIRM_SEED0 + seeds)))
-        return Next(following, (0,))
-    losses = [r.final.val_loss for r in results]
-    verdict = decide(losses, target_loss, max_seeds=max_seeds)
-    if verdict == "more":
-        start = CONFIRM_SEED0 + len(results)
-        return Next("confirm", tuple(range(start, start + min(ADD_SEEDS, max_seeds - len(results)))), True, "more")
-    return Next(None, verdict=verdict)
+def following(rung: str, ladder: tuple[str, ...]) -> str | None:
+    i = ladder.index(rung) + 1
+    return ladder[i] if i < len(ladder) else None
+
+
+def beats(speedup: judge.Speedup | None, min_speedup: float) -> bool:
+    """Did a single-seed rung beat the baseline? A ratio must reach `min_speedup`; a loss
+    difference (loss_at_budget) must be better, i.e. lower."""
+    if speedup is None or not speedup.better:
+        return False
+    return speedup.kind == "loss_at_budget" or speedup.estimate >= min_speedup
+
+
+def after_rung(rung: str, ladder: tuple[str, ...], ok: bool, won_rung: bool, *, trusted: bool = True,
+               allow_untrusted: bool = False, first_batch: int = 3) -> Step:
+    """After smoke, short or full: `ok` every run finished; `won_rung` it beat the baseline there."""
+    if not ok:
+        return Step(None, verdict=Verdict.STOPPED)
+    nxt = following(rung, ladder)
+    if rung != Rung.SMOKE and not won_rung:
+        return Step(None, verdict=Verdict.STOPPED)
+    if nxt is None:
+        return Step(None, verdict=Verdict.UNCONFIRMED)
+    if nxt == Rung.CONFIRM:
+        if not trusted and not allow_untrusted:
+            return Step(None, verdict=Verdict.UNTRUSTED)
+        return Step(Rung.CONFIRM, first_batch)
+    return Step(nxt, 1)
+
+
+def after_confirm(kind: str, pairs: list[tuple[Obs, Obs]], alpha: float, max_pairs: int = judge.MAX_PAIRS,
+                  add: int = 2, min_pairs: int = judge.MIN_PAIRS) -> Step:
+    """After a confirm batch: the sequential test's answer, or how many more pairs to run.
+
+    `pairs` in the order their seeds were drawn. The test is asked once per pair count, on each
+    prefix in turn (what a one-pair-at-a-time search would have asked), so a batch of several
+    pairs skips no look and wastes none of its alpha; an earlier prefix can only have said "more".
+    """
+    answer = "more"
+    for n in range(1, len(pairs) + 1):
+        answer = judge.decide(kind, pairs[:n], alpha, max_pairs, min_pairs=min_pairs)
+        if answer != "more":
+            break
+    if answer == "more" and len(pairs) < max_pairs:
+        return Step(Rung.CONFIRM, max(1, min(add, max_pairs - len(pairs), max(add, min_pairs - len(pairs)))),
+                    Verdict.MORE)
+    return Step(None, verdict=Verdict.PASS if answer == "pass" else Verdict.FAIL)
+
+
+def confirm_pairs(runs: list[RunResult], paired: dict[int, RunResult], kind: str, target_loss: float,
+                  order: list[int]) -> tuple[list[tuple[Obs, Obs]], int]:
+    """(candidate, baseline) objectives per seed in the order the seeds were drawn, formed only
+    where both ran OK on one node; and how many seeds could not be paired. Across nodes raw times
+    are never compared."""
+    pairs, lost = [], 0
+    by_seed = {r.seed: r for r in runs}
+    for c in (by_seed[s] for s in order if s in by_seed):
+        b = paired.get(c.seed)
+        node = str(c.provenance.get("worker", "")).split("/")[0]
+        if b is None or b.status != Status.OK or node != str(b.provenance.get("worker", "")).split("/")[0]:
+            lost += 1
+            continue
+        co, bo = judge.run_objective(kind, c.curve, target_loss), judge.run_objective(kind, b.curve, target_loss)
+        if co is None or bo is None:
+            lost += 1
+            continue
+        pairs.append((co, bo))
+    return pairs, lost

@@ -1,4 +1,9 @@
-"""The live table of a search: trial, title, proposer, status, loss, speed-up, best so far."""
+"""The live table of a search: trial, title, proposer, status, loss, speed-up, best confirmed so far.
+
+The speed-up column is the one speed-up's own words (`Speedup.text()`, e.g. "time to loss 2.466:
+1.98x [1.85, 2.10] vs base, 6 pairs"); single-seed rungs say so. Only a confirmed candidate is
+ever called "best".
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,12 @@ from rich.table import Table
 from rich.text import Text
 
 ROWS = 18
-STYLE = {"ok": "green", "failed": "red", "invalid": "magenta", "timeout": "red", "pruned": "yellow",
-         "running": "cyan"}
+STYLE = {"ok pass": "bold green", "ok": "green", "failed": "red", "invalid": "magenta", "timeout": "red",
+         "pruned": "yellow", "running": "cyan"}
 
 
-def fmt_speedup(x: float | None) -> str:
-    return f"{x:.3f}x" if x else "-"
+def fmt_speedup(text: str | None) -> str:
+    return text or "-"
 
 
 class Live:
@@ -28,7 +33,7 @@ class Live:
         self.title = title
         self.rows: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self.notes: list[str] = []
-        self.best_text = "-"
+        self.best_text = "nothing confirmed yet"
         self.header = ""
         self._live: RichLive | None = None
         self._last = 0.0
@@ -49,20 +54,23 @@ class Live:
         if self.enabled and self._live is None:
             self.console.print(text, highlight=False, soft_wrap=True)
 
-    def started(self, number: int, p) -> None:
-        self.rows[number] = {"title": p.title, "proposer": p.proposer, "rung": p.rung, "status": "running",
+    def started(self, number: int, t) -> None:
+        """`t` is an agent.trial.Trial at the rung it starts."""
+        self.rows[number] = {"title": t.title, "proposer": str(t.who), "rung": str(t.rung), "status": "running",
                              "loss": None, "speedup": None}
 
-    def finished(self, number: int, p, status: str, value: float | None, speedup: float, loss: float | None) -> None:
-        row = self.rows.setdefault(number, {"title": p.title, "proposer": p.proposer, "rung": p.rung})
-        row.update(status=status, loss=loss, speedup=speedup if p.rung != "smoke" else None)
-        self._line(f"trial {number:>4} {p.rung:<7} {status:<8} {p.proposer:<8} "
-                   f"loss {loss if loss is not None else float('nan'):.4f} speedup {fmt_speedup(row['speedup'])}  "
-                   f"{p.title[:70]}")
+    def finished(self, number: int, t, status: str, loss: float | None, speedup: str) -> None:
+        row = self.rows.setdefault(number, {"title": t.title, "proposer": str(t.who), "rung": str(t.rung)})
+        if t.verdict and t.verdict != "more":
+            status = f"{status} {t.verdict}" if status == "ok" else status
+        row.update(status=status, loss=loss, speedup=speedup or None)
+        self._line(f"trial {number:>4} {row['rung']:<7} {status:<8} {row['proposer']:<8} "
+                   f"loss {loss if loss is not None else float('nan'):.4f}  {fmt_speedup(row['speedup'])}  "
+                   f"{t.title[:70]}")
 
     def best(self, summary) -> None:
-        self.best_text = f"{summary.best_speedup:.3f}x at {summary.best_rung}: {summary.best_title[:60]}"
-        self._line(f"best so far: {self.best_text}")
+        self.best_text = f"{summary.best_title[:60]}: {summary.best_text} (confirmed)"
+        self._line(f"best confirmed so far: {self.best_text}")
 
     def note(self, text: str) -> None:
         self.notes = (self.notes + [text])[-3:]
@@ -75,19 +83,19 @@ class Live:
         self._last = now
         s = search.summary
         self.header = (f"{(now - search.started) / 60:5.1f} min | trials {s.trials} | running "
-                       f"{len(search.inflight)}/{search.capacity} | proposing {len(search.futures)} | "
+                       f"{len(search.inflight)}/{search.capacity} | proposing {len(search.ahead.futures)} | "
                        f"queued {len(search.queue)} | LLM ${s.dollars:.2f}")
         self._live.update(self.render())
 
     def render(self) -> Group:
         table = Table(title=self.title, expand=False)
         for col in ("trial", "rung", "title", "proposer", "status", "loss", "speed-up"):
-            table.add_column(col, overflow="ellipsis", no_wrap=True, max_width=56 if col == "title" else None)
+            table.add_column(col, overflow="ellipsis", no_wrap=True, max_width={"title": 48, "speed-up": 60}.get(col))
         for number, row in list(self.rows.items())[-ROWS:]:
             loss = row.get("loss")
             table.add_row(str(number), row["rung"], row["title"], row["proposer"],
-                          Text(row["status"], style=STYLE.get(row["status"], "")),
+                          Text(row["status"], style=STYLE.get(row["status"], STYLE.get(row["status"].split()[0], ""))),
                           f"{loss:.4f}" if loss is not None and math.isfinite(loss) else "-",
                           fmt_speedup(row.get("speedup")))
-        return Group(Text(self.header), table, Text(f"best so far: {self.best_text}", style="bold"),
+        return Group(Text(self.header), table, Text(f"best confirmed: {self.best_text}", style="bold"),
                      *[Text(n, style="dim") for n in self.notes])

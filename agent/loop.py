@@ -1,39 +1,40 @@
-"""The search loop: keep every worker busy, record results as they arrive, resume after any crash.
+"""The search loop: scheduling only. Keep every worker busy, record results as they arrive.
 
 Proposals (an LLM call takes tens of seconds) run ahead of evaluations in a thread pool; runs go
-to the Ray pool one seed at a time; a trial is one candidate evaluated at one rung. Everything the
-loop knows is in the runs database, so `--resume` rebuilds the queue from it.
+to the Ray pool one seed at a time. Each candidate is one `Trial` from proposal to verdict; what
+happens after a rung is decided in `agent.ladder`, what each learner is told in `agent.reward`,
+and `agent.resume` rebuilds the trials from the runs database after any crash.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import math
-import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
-from agent.baseline import Baseline, build_baseline, run_fidelity
+from agent import ladder, reward
+from agent.ahead import Ahead
+from agent.baseline import Baselines, run_fidelity
 from agent.candidates import Candidates, Record
-from agent.ladder import next_rung
 from agent.live import Live
+from agent.meter import Meter, Summary
+from agent.names import LADDER, Rung, Verdict, Who, rung_index
 from agent.policy import STATE_KEY, Node, Policy
 from agent.proposal import Proposer
-from agent.recorder import Recorder
-from agent.resume import INTERRUPTED, restore
-from agent.settings import LADDER, SearchSettings
-from agent.trials import Meter, Open, Pending, Summary
+from agent.recorder import Recorder, record_run, record_start
+from agent.resume import FDR_KEY, INTERRUPTED, Restored, restore, rewards
+from agent.settings import SearchSettings
+from agent.trial import BASE, CANDIDATE, Trial, rejected
 from env.evaluate import RunSpec
 from env.pool import Pool
-from env.stats import objective
 from runs_db.db import RunsDB
+from search_space import judge
 from search_space.records import RunResult, Status
 from search_space.target import Target
 
-PRIORITY = {"baseline": 0, "confirm": 1, "full": 2, "short": 3, "smoke": 4}
-NONE_STREAK = 8  # an arm that had nothing to offer this many times in a row is retired
+PRIORITY = {Who.BASELINE: 0, Rung.CONFIRM: 1, Rung.FULL: 2, Rung.SHORT: 3, Rung.SMOKE: 4}
+ADD_PAIRS = 2  # pairs added per confirm look while the test is unclear
+LOST_PAIRS = 4  # confirm gives up after this many pairs it could not use (a failed baseline run, two nodes)
 
 
 class Search:
@@ -48,152 +49,131 @@ class Search:
         self.candidates = Candidates(db, target)
         self.live = live or Live(enabled=False)
         self.capacity = settings.workers or pool.capacity(target.resources.cpus, target.resources.gpus)
-        self.queue: list[tuple[int, int, Pending]] = []
+        self.queue: list[tuple[int, int, Trial]] = []
+        self.stranded: list[Trial] = []  # left waiting when the budget ran out (a resume takes them on)
         self.counter = itertools.count()
-        self.inflight: dict = {}  # ObjectRef -> (trial number, seed)
-        self.open: dict[int, Open] = {}
-        self.futures: dict[Future, tuple[str, str]] = {}
-        self.baselines: dict[str, Baseline] = {}
-        self.values: dict[tuple[str, str], float] = {}  # (commit, rung) -> objective
+        self.inflight: dict = {}  # ObjectRef -> (trial, role, seed)
+        self.open: dict[int, Trial] = {}  # study trial number -> its Trial, while a batch runs
+        self.trials: dict[str, Trial] = {}  # commit -> candidate
+        self.baselines = Baselines(target)
+        self.fdr = judge.OnlineFDR(level=settings.fdr)
         self.summary = Summary()
-        self.none_streak: dict[str, int] = {}
         self.meter = Meter()
-        self.dry: dict[str, set[str]] = {}  # arm -> parents it had nothing left for
         self.started = time.time()
         self.recorder = Recorder()
         self.next_number = 0  # Optuna numbers trials 0, 1, 2, ... in the order this loop starts them
-        self.threads = ThreadPoolExecutor(max_workers=max(2, min(8, self.capacity + 1)),
-                                          thread_name_prefix="propose")
+        self.ahead = Ahead(self.policy, proposers, self.candidates, self.live, max(2, min(8, self.capacity + 1)))
+
+    @property
+    def first_batch(self) -> int:
+        """Confirm's first batch: the pairs the sequential test needs before it answers at all."""
+        return max(self.settings.seeds, judge.MIN_PAIRS)
 
     # --- queue
-    def push(self, p: Pending) -> None:
-        rank = PRIORITY["baseline" if p.proposer == "baseline" else p.rung]
-        heapq.heappush(self.queue, (rank, next(self.counter), p))
+    def push(self, t: Trial) -> None:
+        heapq.heappush(self.queue, (PRIORITY[Who.BASELINE if t.is_baseline else t.rung], next(self.counter), t))
 
-    def _runnable(self, p: Pending) -> bool:
-        return p.proposer == "baseline" or p.rung == "smoke" or run_fidelity(p.rung) in self.baselines
+    def _runnable(self, t: Trial) -> bool:
+        return t.is_baseline or t.rung == Rung.SMOKE or run_fidelity(t.rung) in self.baselines
 
     def baseline_fidelities(self) -> list[str]:
         return [f for f in ("short", "full") if f in self.target.fidelities
                 and LADDER.index(f) <= LADDER.index(self.settings.max_fidelity)]
 
+    def _measure_base(self, fid: str, n: int) -> None:
+        self.push(Trial(self.db.base_commit, "", "baseline", Who.BASELINE, rung=fid,
+                        batch=self.baselines.seeds(fid, n)))
+
     # --- proposals
     def _want_proposals(self) -> int:
         if self._budget_hit() or not self.policy.live_arms():
             return 0
-        ready = sum(1 for *_, p in self.queue if p.rung == "smoke")
-        return self.capacity + self.capacity // 2 + 1 - ready - len(self.futures)  # keep proposals ahead
+        ready = sum(1 for *_, t in self.queue if t.rung == Rung.SMOKE and not t.is_baseline)
+        return self.capacity + self.capacity // 2 + 1 - ready - len(self.ahead.futures)  # keep proposals ahead
 
     def _propose(self) -> None:
-        for _ in range(max(0, self._want_proposals())):
-            arm = self.policy.choose_arm()
-            if arm is None:
-                return
-            parent = self._pick_parent(arm)
-            if parent is None:
-                self.policy.retire(arm)  # dry on every parent for now; new nodes bring it back
-                continue
-            ctx = self.candidates.context(parent, "; ".join(b.line() for b in self.baselines.values()))
-            proposer = self.proposers[arm.split(":")[0]]
-            if arm.startswith("llm:"):
-                ctx.notes = ctx.notes + [f"model: {arm[4:]}"]
-            self.futures[self.threads.submit(proposer.propose, ctx)] = (arm, parent)
+        self.ahead.ask(self._want_proposals(), self.db.base_commit, self._nodes(), self.baselines.line())
 
-    def _pick_parent(self, arm: str) -> str | None:
-        nodes = self._nodes()
-        parent, _why = self.policy.choose_parent(self.db.base_commit, nodes)
-        dry = self.dry.get(arm, set())
-        if parent not in dry:
-            return parent
-        ranked = [n.commit for n in sorted(nodes, key=lambda n: (-n.rung, n.score))] + [self.db.base_commit]
-        return next((c for c in ranked if c not in dry), None)
+    def _proposer(self, arm_or_who: str) -> Proposer:
+        return self.ahead.proposer(arm_or_who)
 
     def _collect_proposals(self) -> None:
-        for fut in [f for f in self.futures if f.done()]:
-            arm, parent = self.futures.pop(fut)
-            proposer = self.proposers[arm.split(":")[0]]
-            try:
-                proposal = fut.result()
-            except Exception as e:  # a proposer bug must not end the search
-                self.live.note(f"{arm} failed: {type(e).__name__}: {e}")
-                if getattr(e, "fatal", False):
-                    self.policy.retire(arm)
-                    continue
-                proposal = None
-            if proposal is None:
-                if arm == "ideas":  # the library has nothing more for this parent
-                    self.dry.setdefault(arm, set()).add(parent)
-                else:
-                    self.none_streak[arm] = self.none_streak.get(arm, 0) + 1
-                    if self.none_streak[arm] >= NONE_STREAK:
-                        self.policy.retire(arm)
-                        self.live.note(f"{arm}: {NONE_STREAK} proposals in a row failed; retired")
-                continue
-            self.none_streak[arm] = 0
+        for arm, parent, proposal in self.ahead.collect():
             self.summary.dollars += proposal.cost.dollars
             changes, why = self.candidates.accept(proposal)
             if changes is None:
                 self.live.note(f"rejected {proposal.title[:60]}: {why}")
-                proposer.tell(proposal, None)
+                self._proposer(arm).tell(proposal, rejected(proposal, why))
                 continue
-            self.push(Pending("", parent, "smoke", (0,), proposal.title, proposal.proposer, proposal.model,
-                               proposal, arm, changes=changes))
+            self.push(Trial("", parent, proposal.title, proposal.proposer, proposal.model, arm, proposal, changes))
 
     # --- runs
     def _dispatch(self) -> None:
         blocked = []
         while self.queue and len(self.inflight) < self.capacity:
             item = heapq.heappop(self.queue)
-            p = item[2]
-            if not self._runnable(p):
+            t = item[2]
+            if not self._runnable(t):
                 blocked.append(item)
                 continue
-            if p.trial is None and p.proposer != "baseline":
-                if self._budget_hit():
-                    continue
-                t0 = time.perf_counter()
-                if p.changes is not None and not self._commit(p):
-                    continue
-                self.summary.trials += 1
-                self.meter.charge(-1, t0)  # moved to the trial _start opens
             t0 = time.perf_counter()
-            self.meter.charge(self._start(p), t0, self.meter.controller_s.pop(-1, 0.0))
+            new_trial = not t.is_baseline and t.number is None
+            if new_trial and self._budget_hit():  # a new study trial is what the budget counts
+                self.stranded.append(t)
+                continue
+            if not t.commit:  # an accepted proposal: committed right before its first run
+                commit, why = self.candidates.commit(t.proposal, t.changes)
+                if commit is None:
+                    self.live.note(f"rejected {t.title[:60]}: {why}")
+                    self._proposer(t.who).tell(t.proposal, rejected(t.proposal, why))
+                    continue
+                t.commit, t.changes = commit, None
+            if new_trial:
+                self.trials[t.commit] = t
+                self.summary.trials += 1
+            self.meter.charge(self._start(t), t0)
         for item in blocked:
             heapq.heappush(self.queue, item)
 
-    def _commit(self, p: Pending) -> bool:
-        """Commit an accepted proposal right before its first trial, so every commit has a trial."""
-        commit, why = self.candidates.commit(p.proposal, p.changes)
-        if commit is None:
-            self.live.note(f"rejected {p.title[:60]}: {why}")
-            self.proposers[p.arm.split(":")[0]].tell(p.proposal, None)
-            return False
-        p.commit, p.changes = commit, None
-        return True
+    def _new_number(self) -> int:
+        n, self.next_number = self.next_number, self.next_number + 1
+        return n
 
-    def _start(self, p: Pending) -> int:
-        fid = run_fidelity(p.rung)
-        if p.trial is None:
-            attrs = {"seeds": list(p.seeds), "rung": p.rung}
-            if p.proposal is not None:
-                attrs.update(ideas=list(p.proposal.ideas), knobs=p.proposal.knobs,
-                             llm_input_tokens=p.proposal.cost.input_tokens,
-                             llm_output_tokens=p.proposal.cost.output_tokens, llm_dollars=p.proposal.cost.dollars)
-            number = self.next_number
-            self.next_number += 1
-            self.recorder.call(self._record_start, number, p, attrs)
-            self.open[number] = Open(number, p, set())
-        else:
-            number = p.trial
-            self.open[number].pending.seeds += p.seeds
-        band = self.baselines[fid].band if (fid in self.baselines and p.proposer != "baseline") else None
-        for seed in p.seeds:
-            spec = RunSpec(self.target, seed=seed, fidelity=fid, repo=self.db.repo_path, commit=p.commit, band=band,
-                           run_id=f"t{number}-s{seed}-{p.commit[:8]}")
-            self.inflight[self.pool.submit(spec)] = (number, seed)
-            self.open[number].waiting.add(seed)
-        self.live.started(number, p)
-        return number
+    def _start(self, t: Trial) -> int:
+        fid, paired = run_fidelity(t.rung), t.rung == Rung.CONFIRM
+        if t.number is None:  # a new rung: a new study trial (confirm: two, the candidate's and its baseline's)
+            attrs = {"seeds": list(t.batch), "rung": t.rung}
+            if t.arm:
+                attrs["arm"] = t.arm
+            if t.proposal is not None and t.rung == Rung.SMOKE:
+                p = t.proposal
+                attrs.update(ideas=list(p.ideas), knobs=p.knobs, knob_trial=p.meta.get("knob_trial"),
+                             llm_input_tokens=p.cost.input_tokens, llm_output_tokens=p.cost.output_tokens,
+                             llm_dollars=p.cost.dollars)
+            if paired:
+                if t.alpha is None:  # the level is fixed when the candidate starts confirming
+                    t.alpha = self.fdr.next_alpha()
+                    self.recorder.call(self.db.set_state, FDR_KEY, self.fdr.to_dict())
+                attrs.update(alpha=t.alpha, fdr=self.fdr.guarantee)
+            t.number = self._new_number()
+            t.numbers[t.rung] = t.number
+            self.recorder.call(record_start, self.db, t.number, t.commit, t.parent, t.who, t.title, t.rung, attrs,
+                               t.model)
+            if paired:
+                t.base_number = self._new_number()
+                self.recorder.call(record_start, self.db, t.base_number, self.db.base_commit, "", Who.BASELINE,
+                                   f"baseline beside trial {t.number}", Rung.CONFIRM, {"pairs_for": t.number}, None)
+            self.open[t.number] = t
+            self.live.started(t.number, t)
+        t.expect(t.batch, paired)
+        # Single-seed rungs are pruned against the baseline band; confirm runs whole, both sides alike.
+        band = self.baselines[fid].band if (fid in self.baselines and not t.is_baseline and not paired) else None
+        for seed in t.batch:  # confirm interleaves: candidate, then the base, with the same seed
+            for role, commit in ((CANDIDATE, t.commit), (BASE, self.db.base_commit))[: 2 if paired else 1]:
+                spec = RunSpec(self.target, seed=seed, fidelity=fid, repo=self.db.repo_path, commit=commit,
+                               band=band, run_id=f"t{t.number}-{role[0]}-s{seed}-{commit[:8]}")
+                self.inflight[self.pool.submit(spec)] = (t, role, seed)
+        return t.number
 
     def _collect_runs(self, timeout: float) -> None:
         t_wait = time.perf_counter()
@@ -201,114 +181,139 @@ class Search:
         self.meter.waited += time.perf_counter() - t_wait
         for ref in done:
             t0 = time.perf_counter()
-            number, seed = self.inflight.pop(ref)
+            t, role, seed = self.inflight.pop(ref)
+            number = t.number if role == CANDIDATE else t.base_number
             try:
                 finished = self.pool.get(ref)
                 result = finished.result
+                result.provenance.setdefault("worker", finished.worker)
                 self.meter.spans.append((finished.started, finished.ended, finished.worker))
-                self.recorder.call(self._record_run, number, result, finished.log_text)
+                if result.final is not None:  # the trainer's own active time, for bench/loop.py
+                    self.meter.active.append((finished.ended, result.final.train_ms / 1000))
+                self.recorder.call(record_run, self.db, number, result, finished.log_text)
             except Exception as e:  # the worker died and Ray gave up retrying
                 result = RunResult(Status.FAILED, reason=f"worker lost: {type(e).__name__}: {e}", seed=seed)
             self.summary.worker_hours += result.wall_s / 3600
-            tr = self.open[number]
-            tr.results[seed] = result
-            tr.worker_s += result.wall_s
-            tr.waiting.discard(seed)
-            if not tr.waiting:
-                self._finish(tr)
+            if t.add_run(role, seed, result):
+                if t.is_baseline:
+                    self._finish_baseline(t)
+                elif t.rung == Rung.CONFIRM:
+                    self._finish_confirm(t)
+                else:
+                    self._finish_rung(t)
             self.meter.charge(number, t0)
 
-    def _finish(self, tr: Open) -> None:
-        p, runs = tr.pending, [tr.results[s] for s in sorted(tr.results)]
-        fid = run_fidelity(p.rung)
-        if p.proposer == "baseline":
-            try:
-                self.baselines[fid] = build_baseline(self.target, fid, runs)
-                value, state = self.baselines[fid].value, "complete"
-            except RuntimeError as e:
-                self.open.pop(tr.number, None)
-                self.recorder.call(self.db.finish_trial, tr.number, None, runs, {"reason": str(e)}, "fail")
-                raise
-            self.open.pop(tr.number, None)
-            b = self.baselines[fid]
-            attrs = {"baseline": b.band.to_dict(), "target_loss": b.target_loss, "worker_seconds": tr.worker_s}
-            self.recorder.call(self.db.finish_trial, tr.number, value, runs, attrs, state)
-            self.live.finished(tr.number, p, "ok", value, 1.0, self.baselines[fid].band.final_loss)
+    # --- what a finished batch means
+    def _finish_baseline(self, t: Trial) -> None:
+        fid, runs = t.rung, t.batch_runs()
+        self.open.pop(t.number, None)
+        try:
+            b = self.baselines.add(fid, runs)
+        except RuntimeError as e:
+            self.recorder.call(self.db.finish_trial, t.number, None, runs, {"reason": str(e)}, "fail")
+            if fid not in self.baselines:
+                raise  # nothing can be judged without it
+            self.live.note(f"a baseline refresh at {fid} failed: {e}")
             return
-        base = self.baselines.get(fid)
-        ok = all(r.status == Status.OK for r in runs)
-        measured = ok and base is not None and p.rung != "smoke"
-        value = objective(self.target.objective, runs, base.target_loss) if measured else None
-        if ok and p.rung == "smoke":
-            value = math.inf  # smoke proves the candidate runs; it does not measure the objective
-        speedup = base.speedup(value) if base and p.rung != "smoke" else 0.0
-        worst = next((r for r in runs if r.status != Status.OK), None)
-        state = "complete" if ok else ("pruned" if worst.status == Status.PRUNED else "fail")
-        attrs = {"speedup": speedup, "worker_seconds": tr.worker_s,
-                 "gpu_seconds": tr.worker_s * self.target.resources.gpus,
-                 "reason": (worst.reason[:2000] if worst else ""), "status": worst.status.value if worst else "ok"}
-        nxt = self.climb(p.commit, p.parent, p.rung, p.title, p.proposer, p.model, runs, value, pending=p,
-                          attrs=attrs)
-        if nxt is not None and nxt.extend:
-            self.push(Pending(p.commit, p.parent, "confirm", nxt.seeds, p.title, p.proposer, p.model,
-                               trial=tr.number))
-            return  # the confirm trial stays open until the t-test answers
-        self.open.pop(tr.number, None)
-        self.recorder.call(self.db.finish_trial, tr.number, value, runs, attrs, state)
-        if value is not None:
-            self.values[(p.commit, p.rung)] = value
-            if math.isfinite(value) and p.rung != "smoke":
-                self.policy.exhausted -= set(self.dry)  # a new parent: dry arms may have something again
-        self.candidates.record(Record(p.commit, p.parent, p.title, p.proposer, p.rung,
-                                      worst.status.value if worst else "ok", value, speedup, attrs["reason"]))
+        attrs = {"baseline": b.band.to_dict(), "target_loss": b.target_loss, "worker_seconds": t.worker_s}
+        self.recorder.call(self.db.finish_trial, t.number, b.value, runs, attrs, "complete")
+        self.live.finished(t.number, t, "ok", runs[-1].final.val_loss if runs[-1].final else None, b.line())
+
+    def _finish_rung(self, t: Trial) -> None:
+        runs, fid = t.batch_runs(), run_fidelity(t.rung)
+        worst = t.worst(runs)
+        t.status, t.reason = (worst.status.value, worst.reason[:2000]) if worst else ("ok", "")
+        won_rung, sp = False, None
+        if worst is None and t.rung != Rung.SMOKE:
+            base = self.baselines[fid]
+            obs = judge.run_objective(base.kind, runs[0].curve, base.target_loss)
+            if obs is not None:
+                sp = judge.speedup(base.kind, base.target_loss, [(obs, base.obs)])
+                t.values[t.rung], t.scores[t.rung] = obs.value, obs.value / base.value
+                t.speedup, t.speedup_text = sp.to_dict(), sp.text()
+                won_rung = ladder.beats(sp, self.settings.min_speedup)
+            if self.baselines.count(fid):  # re-measure the base, interleaved with candidates
+                self._measure_base(fid, 1)
+            if t.proposal is not None:
+                self._proposer(t.who).tell(t.proposal, t.outcome())
+        trusted = all(getattr(r, "trust", "trusted") == "trusted" for r in runs)
+        step = ladder.after_rung(t.rung, self.settings.ladder, worst is None, won_rung, trusted=trusted,
+                                 allow_untrusted=self.settings.allow_untrusted, first_batch=self.first_batch)
+        state = "complete" if worst is None else ("pruned" if worst.status == Status.PRUNED else "fail")
+        value = t.values.get(t.rung) if t.rung != Rung.SMOKE else (float("inf") if worst is None else None)
+        attrs = t.attrs(sp, step.rung, trusted, self.target.resources.gpus)
+        self._close(t, step, value, runs, attrs, state)
+
+    def _finish_confirm(self, t: Trial) -> None:
+        runs = t.runs.get(Rung.CONFIRM, [])
+        base = self.baselines["full"]
+        self.baselines.add("full", [t.paired[s] for s in t.batch if s in t.paired])  # they re-measure the base
+        worst = t.worst(runs)
+        pairs, lost = ladder.confirm_pairs(runs, t.paired, base.kind, base.target_loss, t.confirm_order())
+        if worst is not None:
+            step = ladder.Step(None, verdict=Verdict.FAIL)  # a seed that crashes is not a speed-up
+            t.status, t.reason = worst.status.value, worst.reason[:2000]
+        elif lost > LOST_PAIRS:
+            step = ladder.Step(None, verdict=Verdict.FAIL)
+            t.reason = f"{lost} pairs could not be used (a failed baseline run, or the two on different nodes)"
+        else:
+            step = ladder.after_confirm(base.kind, pairs, t.alpha, self.settings.max_seeds, ADD_PAIRS)
+        sp = judge.speedup(base.kind, base.target_loss, pairs) if pairs else None
+        if sp is not None:
+            t.speedup, t.speedup_text = sp.to_dict(), sp.text()
+        if step.rung == Rung.CONFIRM:  # more pairs in the same study trials
+            t.batch = tuple(judge.fresh_seeds(t.commit, "confirm", len(t.paired), step.seeds))
+            self.push(t)
+            return
+        self.fdr.record(step.verdict == Verdict.PASS)
+        self.recorder.call(self.db.set_state, FDR_KEY, self.fdr.to_dict())
+        value = sum(c.value for c, _ in pairs) / len(pairs) if pairs else None
+        attrs = {**t.attrs(sp, step.rung, True, self.target.resources.gpus), "alpha": t.alpha,
+                 "fdr": self.fdr.guarantee, "pairs": len(pairs)}
+        base_runs = [t.paired[s] for s in sorted(t.paired)]
+        base_value = sum(b.value for _, b in pairs) / len(pairs) if pairs else None
+        self.recorder.call(self.db.finish_trial, t.base_number, base_value, base_runs, {"pairs_for": t.number},
+                           "complete" if base_value is not None else "fail")
+        self._close(t, step, value, runs, attrs, "complete" if value is not None and worst is None else "fail")
+
+    def _close(self, t: Trial, step: ladder.Step, value, runs: list[RunResult], attrs: dict, state: str) -> None:
+        """Record the rung, then queue the next one or end the candidate."""
+        number = t.number
+        self.open.pop(number, None)
+        rung = t.rung
+        if step.rung is None:
+            self._end(t, step.verdict, attrs)
+        self.recorder.call(self.db.finish_trial, number, value, runs, attrs, state)
+        self.candidates.record(Record(t.commit, t.parent, t.title, t.who, rung, t.status, value,
+                                      attrs["speedup"], t.reason))
         loss = runs[-1].final.val_loss if runs and runs[-1].final else None
-        self.live.finished(tr.number, p, worst.status.value if worst else "ok", value, speedup, loss)
-        self._update_best(p, speedup)
+        self.live.finished(number, t, t.status, loss, t.speedup_text if rung != Rung.SMOKE else "")
+        if rung in (Rung.SHORT, Rung.FULL) and t.scores.get(rung, 2.0) < 1.0:
+            self.ahead.new_parent()
+        if step.rung is not None:
+            t.rung, t.number, t.worker_s = step.rung, None, 0.0
+            t.batch = (tuple(judge.fresh_seeds(t.commit, "confirm", 0, step.seeds)) if step.rung == Rung.CONFIRM
+                       else (0,))
+            self.push(t)
 
-    def climb(self, commit, parent, rung, title, proposer, model, runs, value, pending=None, attrs=None,
-               resumed=None):
-        fid = run_fidelity(rung)
-        base = self.baselines.get(fid)
-        speedup = base.speedup(value) if base else 0.0
-        target_loss = base.target_loss if base else math.inf
-        nxt = next_rung(rung, self.settings.ladder, runs, speedup, self.settings.min_speedup, target_loss,
-                        self.settings.seeds, self.settings.max_seeds)
-        if attrs is not None and nxt.verdict:
-            attrs["verdict"] = nxt.verdict
-        if pending is not None and pending.arm and rung in ("smoke", "short"):
-            if rung == "short" or nxt.rung is None:  # the bandit's reward: did it beat its parent at short?
-                parent_value = self.values.get((parent, "short"))
-                ref = parent_value if parent_value else (self.baselines["short"].value if "short" in self.baselines
-                                                          else None)
-                won = value is not None and ref is not None and value < ref
-                self.policy.reward(pending.arm, won)
-                self.recorder.call(self.db.set_state, STATE_KEY, self.policy.state())
-                if pending.proposal is not None:
-                    self.proposers[pending.arm.split(":")[0]].tell(pending.proposal, value, won)
-        if nxt.rung and not nxt.extend:
-            if resumed is not None and (commit, nxt.rung) in resumed:
-                return nxt
-            self.push(Pending(commit, parent, nxt.rung, nxt.seeds, title, proposer, model))
-        return nxt
-
-    def _update_best(self, p: Pending, speedup: float) -> None:
-        rank = LADDER.index(p.rung)
-        best_rank = LADDER.index(self.summary.best_rung) if self.summary.best_rung else -1
-        if speedup > 1.0 and (rank > best_rank or (rank == best_rank and speedup > self.summary.best_speedup)):
-            self.summary.best_commit, self.summary.best_title = p.commit, p.title
-            self.summary.best_speedup, self.summary.best_rung = speedup, p.rung
+    def _end(self, t: Trial, verdict: str, attrs: dict) -> None:
+        """The candidate leaves the ladder: its verdict, and every learner's final word."""
+        parent = self.trials.get(t.parent)
+        parent_scores = reward.BASE_SCORES if t.parent == self.db.base_commit else (parent.scores if parent else {})
+        t.end(verdict, reward.improved(t.scores, parent_scores, verdict))
+        attrs.update(verdict=t.verdict, won=t.won)
+        if t.arm:
+            self.policy.reward(t.arm, t.won)
+            self.recorder.call(self.db.set_state, STATE_KEY, self.policy.state())
+        if t.proposal is not None:
+            self._proposer(t.who).tell(t.proposal, t.outcome(final=True))
+        if verdict == Verdict.PASS and self.summary.confirm(t):
             self.live.best(self.summary)
+        elif verdict == Verdict.FAIL:
+            self.summary.rejected += 1
 
     def _nodes(self) -> list[Node]:
-        nodes: dict[str, Node] = {}
-        for (commit, rung), value in self.values.items():
-            base = self.baselines.get(run_fidelity(rung))
-            if rung == "smoke" or base is None or not math.isfinite(value):
-                continue
-            node = Node(commit, value / base.value, LADDER.index(rung))
-            if commit not in nodes or node.rung > nodes[commit].rung:
-                nodes[commit] = node
-        return list(nodes.values())
+        return [Node(c, t.scores[t.highest], rung_index(t.highest)) for c, t in self.trials.items() if t.highest]
 
     # --- budgets
     def _budget_hit(self) -> str:
@@ -326,22 +331,54 @@ class Search:
 
     def _idle(self) -> bool:
         """Nothing running, nothing being proposed, nothing that could start."""
-        return not self.inflight and not self.futures and not any(self._runnable(p) for *_, p in self.queue)
+        return not self.inflight and not self.ahead.futures and not any(self._runnable(t) for *_, t in self.queue)
 
     # --- main
+    def resume(self, r: Restored) -> None:
+        """Take over what the runs database holds (a new search: nothing)."""
+        self.next_number, self.summary.trials = r.next_number, r.candidates
+        self.baselines.restore(r.base_runs, r.target_loss, r.base_seed)
+        if r.fdr:
+            self.fdr = judge.OnlineFDR.from_dict(r.fdr)
+        self.summary.guarantee = self.fdr.guarantee
+        n_seeds = max(self.settings.seeds, min(self.settings.max_seeds, self.capacity // 2))
+        for fid in self.baseline_fidelities():
+            if fid not in self.baselines:  # workers that would idle for the baseline measure it with more seeds
+                self._measure_base(fid, n_seeds)
+        for rec in r.records:
+            self.candidates.record(rec)
+        for t in r.ended + r.continuing:
+            self.trials[t.commit] = t
+        self.policy.rebuild(rewards(r.ended))
+        for t in r.ended:  # every learner hears every ended candidate again: they rebuild what they knew
+            if t.proposal is not None and t.who in self.proposers:
+                self._proposer(t.who).tell(t.proposal, t.outcome(final=True))
+            if t.verdict == Verdict.PASS:
+                self.summary.confirm(t)
+            self.summary.rejected += t.verdict == Verdict.FAIL
+        for t in r.continuing:  # and what stands of those still climbing (the idea library: never again there)
+            if t.proposal is not None and t.who in self.proposers:
+                self._proposer(t.who).tell(t.proposal, t.outcome())
+            self.push(t)
+        settle = getattr(self.proposers.get(Who.KNOBS), "settle", None)
+        if settle:
+            settle({t.proposal.meta["knob_trial"] for t in r.continuing
+                    if t.proposal is not None and "knob_trial" in t.proposal.meta})
+
     def run(self) -> Summary:
-        restore(self)
+        self.db.check_schema()
+        self.resume(restore(self.db, self.baseline_fidelities(), self.first_batch))
         try:
             with self.live:
                 while True:
                     t_iter = time.perf_counter()
-                    self._collect_runs(timeout=0.02 if self.futures else 0.2)
+                    self._collect_runs(timeout=0.02 if self.ahead.futures else 0.2)
                     self._dispatch()  # refill freed workers before anything slower
                     self._propose()
                     self._collect_proposals()
                     self._dispatch()
                     free = self.capacity - len(self.inflight)
-                    self.meter.iteration(t_iter, free, free > 0 and not any(self._runnable(p) for *_, p in self.queue))
+                    self.meter.iteration(t_iter, free, free > 0 and not any(self._runnable(t) for *_, t in self.queue))
                     if self.recorder.error is not None:
                         self.recorder.flush()  # raises the failed write
                     hit = self._budget_hit()
@@ -356,33 +393,25 @@ class Search:
             self.summary.stopped_by = "interrupted (Ctrl-C)"
         finally:
             self._stop()
+        self.summary.guarantee = self.fdr.guarantee
+        self.live.note(self.summary.verdict_line())
         return self.summary
 
     def _stop(self) -> None:
         for ref in list(self.inflight):
             self.pool.cancel(ref)
-        for number in list(self.open):
-            self.recorder.call(self.db.mark_failed, number, INTERRUPTED)
+        for t in {id(t): t for t in self.open.values()}.values():  # resumed later from where they stood
+            for number in (t.number, t.base_number if t.rung == Rung.CONFIRM else None):
+                if number is not None:
+                    self.recorder.call(self.db.mark_failed, number, INTERRUPTED)
+        for t in [t for *_, t in self.queue] + self.stranded:  # their proposers hear now, so none is left
+            if t.proposal is not None and not t.ended:  # waiting (a resume runs them on, learners rebuild)
+                self._proposer(t.who).tell(t.proposal, rejected(t.proposal, "the search stopped first"))
         self.inflight.clear()
         self.open.clear()
-        for fut in self.futures:
-            fut.cancel()
-        self.threads.shutdown(wait=False, cancel_futures=True)
+        self.ahead.stop()
         self.recorder.call(self.db.set_state, STATE_KEY, self.policy.state())
         try:
             self.recorder.flush()
         finally:
             self.recorder.close()
-
-    # --- the recorder thread's side
-    def _record_start(self, number: int, p: Pending, attrs: dict) -> None:
-        got = self.db.start_trial(p.commit, p.parent, p.proposer, p.title, p.rung, attrs, model=p.model)
-        if got != number:
-            raise RuntimeError(f"the study numbered a new trial {got}, not {number}: is another controller "
-                               "writing to this search?")
-
-    def _record_run(self, number: int, result: RunResult, log_text: str) -> None:
-        self.db.save_run(number, result, log_text=log_text)
-        run_dir = Path(result.log).parent
-        if run_dir.name.startswith(f"t{number}-") and run_dir.is_dir():
-            shutil.rmtree(run_dir, ignore_errors=True)  # the log now lives in the artifacts

@@ -1,56 +1,45 @@
-"""The loop's bookkeeping types: a trial waiting for a worker, a trial running, the summary."""
+"""What a search did (the closing summary) and where the controller's time went (the benchmarks)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-from agent.proposal import Proposal
-from search_space.records import RunResult
-
-SEARCH_PROPOSERS = ("ideas", "knobs", "llm")  # trials of the search itself, not the baseline or a replay
-
-
-@dataclass
-class Pending:
-    """A trial waiting for a worker."""
-
-    commit: str
-    parent: str
-    rung: str
-    seeds: tuple[int, ...]
-    title: str
-    proposer: str
-    model: str | None = None
-    proposal: Proposal | None = None
-    arm: str | None = None
-    trial: int | None = None  # set when the trial already exists (confirm adding seeds)
-    changes: dict[str, str] | None = None  # a proposal not yet committed: committed when its trial starts
-
-
-@dataclass
-class Open:
-    """A started trial and its runs."""
-
-    number: int
-    pending: Pending
-    waiting: set[int]
-    results: dict[int, RunResult] = field(default_factory=dict)
-    worker_s: float = 0.0
-
 
 @dataclass
 class Summary:
     """What a search did, for the closing table."""
 
-    trials: int = 0
-    best_commit: str | None = None
+    trials: int = 0  # study trials of candidates started (one per rung; what budget_trials counts)
+    best_commit: str | None = None  # the best CONFIRMED candidate; None when nothing was confirmed
     best_title: str = ""
     best_speedup: float = 0.0
+    best_text: str = ""  # its speed-up in the one wording (Speedup.text())
     best_rung: str = ""
+    confirmed: list[tuple[str, str, str]] = field(default_factory=list)  # (commit, title, speed-up words)
+    rejected: int = 0  # candidates the confirmation rejected
+    guarantee: str = ""  # the error rate the search guarantees for its confirmations
     stopped_by: str = ""
     dollars: float = 0.0
     worker_hours: float = 0.0
+
+    def confirm(self, t) -> bool:
+        """Count a confirmed candidate (an agent.trial.Trial); True when it is the new best."""
+        self.confirmed.append((t.commit, t.title, t.speedup_text))
+        est = (t.speedup or {}).get("estimate", 0.0)
+        if self.best_commit is not None and est <= self.best_speedup:
+            return False
+        self.best_commit, self.best_title, self.best_speedup, self.best_text = t.commit, t.title, est, t.speedup_text
+        self.best_rung = "confirm"
+        return True
+
+    def verdict_line(self) -> str:
+        """What the search may claim: confirmed candidates only, and plainly nothing when none."""
+        if not self.confirmed:
+            return (f"nothing was confirmed ({self.rejected} rejected by confirmation; {self.guarantee})"
+                    if self.guarantee else "nothing was confirmed")
+        return (f"confirmed {len(self.confirmed)} candidate(s) ({self.guarantee}); best: {self.best_title[:60]}: "
+                f"{self.best_text}")
 
 
 @dataclass
@@ -59,6 +48,7 @@ class Meter:
 
     controller_s: dict[int, float] = field(default_factory=dict)  # trial -> main-thread seconds spent on it
     spans: list[tuple[float, float, str]] = field(default_factory=list)  # each run: start, end, worker slot
+    active: list[tuple[float, float]] = field(default_factory=list)  # each run: its end, the trainer's own seconds
     busy_s: float = 0.0  # main-thread time not spent waiting for runs
     waited: float = 0.0
     idle: dict[str, float] = field(default_factory=dict)  # free slot-seconds: "starved" (nothing to run) or "lag"

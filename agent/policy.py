@@ -1,9 +1,10 @@
 """Which parent to improve and which proposer to ask: a tree policy plus a Thompson-sampling bandit.
 
 Parents: improve the best candidate, explore one of the top few, or draft from the base. Arms: the
-proposers (and for the LLM, each model). An arm earns reward 1 when its candidate beats its parent
-at the `short` rung, 0 otherwise. The bandit's counts live in the runs database, so a resumed
-search keeps what it learned.
+proposers (and for the LLM, each model). An arm earns one reward per candidate, when the candidate
+leaves the ladder: 1 when it improved on its parent at the highest rung both reached, else 0
+(agent.reward.improved). Each candidate's reward is stored with its last study trial, so a resumed
+search rebuilds the counts from the runs database (`rebuild`); `state()` is kept for people.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ class Policy:
         if arm in self.counts:
             self.counts[arm][0 if success else 1] += 1
 
+    def rebuild(self, rewards: list[tuple[str, bool]]) -> None:
+        """The counts from every reward ever given (a resumed search's history)."""
+        for arm in self.counts:
+            self.counts[arm] = [0.0, 0.0]
+        for arm, won in rewards:
+            self.reward(arm, won)
+
     def retire(self, arm: str) -> None:
         self.exhausted.add(arm)
 
@@ -73,9 +81,6 @@ class Policy:
         return {"counts": self.counts, "rng": self.rng.random()}
 
     def load(self, state: dict | None) -> None:
-        if not state:
-            return
-        for arm, c in state.get("counts", {}).items():
-            if arm in self.counts:
-                self.counts[arm] = list(c)
-        self.rng.seed(state.get("rng", self.seed))
+        """The random state only: the counts come from `rebuild`, which cannot miss a reward."""
+        if state:
+            self.rng.seed(state.get("rng", self.seed))

@@ -70,6 +70,32 @@ class ProposalContext:
     check: Callable[[list[Edit]], dict[str, str]] | None = None
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a proposal at one rung: the one thing every proposer is told.
+
+    A proposer hears once per rung its candidate was measured at (`final` False) and once more when
+    the candidate leaves the ladder (`final` True, with `won`). A proposal rejected before it ran
+    (a twin, an edit that does not apply) gets one final outcome with status "rejected".
+    """
+
+    rung: str  # where it was measured ("" when it never ran)
+    status: str  # ok | failed | timeout | pruned | invalid | rejected | interrupted
+    value: float | None = None  # the target's objective at that rung (lower is better)
+    score: float | None = None  # value / the baseline's value at that rung: < 1 beats the base
+    won: bool = False  # final only: it improved on its parent at the highest rung both reached
+    final: bool = False
+    verdict: str = ""  # final only: pass | fail | stopped | unconfirmed | untrusted
+    speedup: str = ""  # the one speed-up's words (Speedup.text()), when there is one
+    reason: str = ""  # why it failed or stopped
+
+    def line(self, title: str) -> str:
+        """One line for a model's context."""
+        words = self.speedup or (f"score {self.score:.3f} (objective / baseline's)" if self.score else "")
+        tail = f": {self.reason[:300]}" if self.reason else ""
+        return f"{title[:80]} -> {self.rung or 'not run'} {self.status} {words}{tail}".replace("  ", " ")
+
+
 class Proposer(Protocol):
     name: str
 
@@ -77,6 +103,7 @@ class Proposer(Protocol):
         """One proposal for `ctx.parent`, or None when this proposer has nothing (left) to offer."""
         ...
 
-    def tell(self, proposal: Proposal, value: float | None) -> None:
-        """The objective the proposal reached (None when it failed)."""
+    def tell(self, proposal: Proposal, outcome: Outcome) -> None:
+        """What became of `proposal` (see Outcome). Must be idempotent for a final outcome: a
+        resumed search tells every finished candidate again so the proposer can rebuild."""
         ...

@@ -7,11 +7,16 @@ for; the loop only waits for them at the end (`flush`). Git commits stay on the 
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
+
+from runs_db.db import RunsDB
+from search_space.records import RunResult
 
 
 class Recorder:
@@ -51,3 +56,19 @@ class Recorder:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=60)
+
+
+def record_start(db: RunsDB, number: int, commit: str, parent: str, who: str, title: str, rung: str, attrs: dict,
+                 model: str | None) -> None:
+    """Start study trial `number` (the loop numbers trials as it starts them, the study must agree)."""
+    got = db.start_trial(commit, parent or None, who, title, rung, attrs, model=model)
+    if got != number:
+        raise RuntimeError(f"the study numbered a new trial {got}, not {number}: is another controller "
+                           "writing to this search?")
+
+
+def record_run(db: RunsDB, number: int, result: RunResult, log_text: str) -> None:
+    db.save_run(number, result, log_text=log_text)
+    run_dir = Path(result.log).parent
+    if run_dir.name.startswith(f"t{number}-") and run_dir.is_dir():
+        shutil.rmtree(run_dir, ignore_errors=True)  # the log now lives in the artifacts

@@ -1,57 +1,121 @@
-"""Resume: everything the loop knows is in the runs database, so the queue is rebuilt from it."""
+"""Resume: rebuild every candidate's Trial from the runs database and return what the loop needs.
+
+A new search finds the database empty and gets an empty `Restored`. Trials a dead controller left
+running are marked failed ("interrupted") and their rung runs again; a candidate whose last rung
+ended carries on to the rung recorded with it (`next`), or stays ended with its verdict and reward;
+a commit that never started a trial starts at smoke.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any
 
-from agent.baseline import build_baseline
 from agent.candidates import Record
-from agent.trials import SEARCH_PROPOSERS, Pending
-
-if TYPE_CHECKING:
-    from agent.loop import Search
+from agent.names import SEARCH_PROPOSERS, Rung, Verdict, Who
+from agent.proposal import Proposal
+from agent.trial import Trial
+from runs_db.db import RunsDB
+from search_space.judge import fresh_seeds
+from search_space.records import RunResult, Status
 
 INTERRUPTED = "interrupted"  # the reason on trials cut short: a resumed search runs them again
+FDR_KEY = "fdr"
 
 
-def restore(search: Search) -> None:
-    """Rebuild the loop's queue and knowledge from the runs database (a new search finds it empty).
+@dataclass
+class Restored:
+    next_number: int = 0  # the study numbers trials 0, 1, 2, ...
+    base_runs: dict[str, list[RunResult]] = field(default_factory=dict)  # fidelity -> the base's OK runs, oldest first
+    target_loss: dict[str, float] = field(default_factory=dict)  # fidelity -> the target loss fixed at its first build
+    base_seed: dict[str, int] = field(default_factory=dict)  # fidelity -> the next unused baseline seed
+    continuing: list[Trial] = field(default_factory=list)  # candidates to queue at their next rung
+    ended: list[Trial] = field(default_factory=list)  # candidates that left the ladder (verdict, reward)
+    records: list[Record] = field(default_factory=list)  # every candidate evaluation, for proposers' contexts
+    candidates: int = 0  # study trials of the search's candidates (what budget_trials counts)
+    fdr: dict[str, Any] | None = None  # the online FDR rule's state
+    interrupted: int = 0
 
-    Trials a dead controller left running are marked failed and run again; completed ones are
-    reused, and each candidate climbs on from where it stopped.
-    """
-    for t in search.db.stale_running():
-        search.db.mark_failed(t.number, INTERRUPTED)
-    trials = search.db.trials()
-    search.next_number = max((t.number for t in trials), default=-1) + 1
-    latest: dict[tuple[str, str], object] = {}
-    for t in trials:
-        latest[(t.commit, t.fidelity if t.proposer != "baseline" else "baseline:" + t.fidelity)] = t
-    base = search.db.base_commit
-    fids = search.baseline_fidelities()
-    # Workers that would idle until the baseline is known measure it with more seeds instead.
-    n_seeds = max(search.settings.seeds, min(search.settings.max_seeds, search.capacity // max(1, len(fids))))
-    for fid in fids:
-        t = latest.get((base, "baseline:" + fid))
-        if t is not None and t.state == "complete":
-            search.baselines[fid] = build_baseline(search.target, fid, search.db.runs(t.number))
-        else:
-            search.push(Pending(base, "", fid, tuple(range(n_seeds)), "baseline", "baseline"))
-    for (commit, rung), t in sorted(latest.items(), key=lambda kv: kv[1].number):
-        if t.proposer not in SEARCH_PROPOSERS:  # the baseline, and replays run by hand
+
+def proposal_of(t) -> Proposal | None:
+    """The proposal as the learners need it again, from its smoke trial's attrs."""
+    a = t.attrs
+    if t.proposer not in SEARCH_PROPOSERS:
+        return None
+    meta = {"knob_trial": a["knob_trial"]} if a.get("knob_trial") is not None else {}
+    return Proposal(title=t.title, rationale="", proposer=t.proposer, parent=t.parent or "",
+                    knobs=dict(a.get("knobs") or {}), model=t.model, ideas=tuple(a.get("ideas") or ()), meta=meta)
+
+
+def restore(db: RunsDB, fidelities: list[str], first_batch: int) -> Restored:
+    out = Restored()
+    for t in db.stale_running():
+        db.mark_failed(t.number, INTERRUPTED)
+        out.interrupted += 1
+    trials = db.trials()
+    out.next_number = max((t.number for t in trials), default=-1) + 1
+    out.fdr = db.get_state(FDR_KEY, None)
+    base = db.base_commit
+    for t in trials:  # the base's runs: its own trials per fidelity, and confirm's paired runs (at full)
+        if t.proposer != Who.BASELINE or t.state != "complete":
             continue
-        if t.state == "complete" and t.value is not None:
-            search.values[(commit, rung)] = t.value
-        search.candidates.record(Record(commit, t.parent, t.title, t.proposer, rung, t.attrs.get("status", t.state),
-                                        t.value, t.attrs.get("speedup", 0.0), t.attrs.get("reason", "")))
-        if t.state == "fail" and t.attrs.get("reason") == INTERRUPTED:
-            search.push(Pending(commit, t.parent, rung, tuple(t.attrs.get("seeds", [0])), t.title, t.proposer,
-                             t.model))
-        elif t.state in ("complete", "fail", "pruned") and rung in search.settings.ladder:
-            search.climb(commit, t.parent, rung, t.title, t.proposer, t.model, search.db.runs(t.number),
-                     t.value, resumed=latest)
-    tried = {t.commit for t in trials}
-    for commit, parent, title, proposer in search.db.candidates():
-        if commit not in tried:  # committed, then the controller died before its trial started
-            search.push(Pending(commit, parent, "smoke", (0,), title, proposer))
-    search.summary.trials = sum(1 for t in trials if t.proposer in SEARCH_PROPOSERS)
+        fid = "full" if t.fidelity == Rung.CONFIRM else t.fidelity
+        if fid not in fidelities:
+            continue
+        runs = [r for r in db.runs(t.number) if r.status == Status.OK]
+        out.base_runs.setdefault(fid, []).extend(runs)
+        if t.fidelity != Rung.CONFIRM and "target_loss" in t.attrs and fid not in out.target_loss:
+            out.target_loss[fid] = float(t.attrs["target_loss"])
+        if t.fidelity != Rung.CONFIRM:
+            out.base_seed[fid] = max([out.base_seed.get(fid, 0)] + [r.seed + 1 for r in runs])
+    by_commit: dict[str, list] = {}
+    for t in trials:
+        if t.proposer in SEARCH_PROPOSERS and t.commit != base:
+            by_commit.setdefault(t.commit, []).append(t)
+    for commit, ts in by_commit.items():
+        ts.sort(key=lambda t: t.number)
+        first, last = ts[0], ts[-1]
+        trial = Trial(commit, first.parent or "", first.title, first.proposer, first.model,
+                      arm=first.attrs.get("arm"), proposal=proposal_of(first))
+        for t in ts:
+            trial.numbers[t.fidelity] = t.number
+            if t.state == "complete" and t.attrs.get("score") is not None and t.fidelity != Rung.CONFIRM:
+                trial.scores[t.fidelity] = float(t.attrs["score"])
+                trial.values[t.fidelity] = float(t.value) if t.value is not None else float("nan")
+            out.records.append(Record(commit, t.parent or "", t.title, t.proposer, t.fidelity,
+                                      t.attrs.get("status", t.state), t.value, _num(t.attrs.get("speedup")),
+                                      t.attrs.get("reason", "")))
+        trial.rung = last.fidelity
+        trial.status, trial.reason = last.attrs.get("status", "ok"), str(last.attrs.get("reason") or "")
+        trial.speedup_text = str(last.attrs.get("speedup_text") or "")
+        nxt = last.attrs.get("next")
+        if last.state == "fail" and last.attrs.get("reason") == INTERRUPTED:
+            trial.alpha = last.attrs.get("alpha")  # confirm keeps the level it was given; it starts over
+            _queue_at(trial, last.fidelity, first_batch, tuple(last.attrs.get("seeds") or (0,)))
+            out.continuing.append(trial)
+        elif nxt:
+            _queue_at(trial, nxt, first_batch, (0,))
+            out.continuing.append(trial)
+        else:  # ended: its verdict and reward were stored with its last rung
+            trial.end(last.attrs.get("verdict") or Verdict.STOPPED, bool(last.attrs.get("won", False)))
+            out.ended.append(trial)
+    for commit, parent, title, proposer in db.candidates():
+        if commit not in by_commit and proposer in SEARCH_PROPOSERS:  # committed, then the controller died
+            out.continuing.append(Trial(commit, parent, title, proposer))
+    out.candidates = sum(len(ts) for ts in by_commit.values())
+    return out
+
+
+def _queue_at(trial: Trial, rung: str, first_batch: int, seeds: tuple[int, ...]) -> None:
+    trial.rung, trial.number = rung, None
+    trial.numbers.pop(rung, None)
+    trial.batch = tuple(fresh_seeds(trial.commit, "confirm", 0, first_batch)) if rung == Rung.CONFIRM else seeds
+
+
+def _num(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) else 0.0
+
+
+def rewards(ended: list[Trial]) -> list[tuple[str, bool]]:
+    """The bandit's rewards, one per ended candidate that an arm proposed."""
+    return [(t.arm, t.won) for t in ended if t.arm]

@@ -24,6 +24,11 @@ def open_search(dir: Path, settings: SearchSettings | None) -> tuple[RunsDB, Sea
         if not (Path(dir) / "search.toml").exists():
             raise FileNotFoundError(f"{dir} holds no search to resume (no search.toml)")
         db = RunsDB.open(dir)
+        try:
+            db.check_schema()  # an older search is refused with one line (a ValueError the CLI prints)
+        except ValueError:
+            db.close()
+            raise
         return db, SearchSettings.from_dict(db.settings)
     if settings.target not in BUILTINS:  # a path: store it absolute so resume works from anywhere
         settings = SearchSettings.from_dict({**settings.to_dict(), "target": str(Path(settings.target).resolve())})
@@ -65,4 +70,24 @@ def run_search(db: RunsDB, settings: SearchSettings, console: Console | None = N
     pool = pool or make_pool(settings, target, db)
     proposers = build_proposers(settings, target, db)
     live = live or Live(enabled=console is not None, console=console, title=f"speedsearch: {target.name}")
+    if console is not None:
+        print_header(console, target, settings)
     return Search(db, target, settings, pool, proposers, live=live).run()
+
+
+def print_header(console: Console, target: Target, settings: SearchSettings) -> None:
+    """Said once, before the first run: what contains a run here and whether its numbers are measured."""
+    if settings.sandbox == "process":
+        from env.process_sandbox import containment_support
+
+        parts = [f"{k}: {v}" for k, v in containment_support().items()]
+        console.print("sandbox process | " + " | ".join(parts), highlight=False, soft_wrap=True)
+    else:
+        console.print(f"sandbox {settings.sandbox}", highlight=False)
+    if target.trust is None:
+        console.print(f"[yellow]untrusted:[/yellow] target {target.name} declares no [trust] evaluator; its "
+                      "numbers are the trainer's own claims and are never confirmed"
+                      + (" (--allow-untrusted is set)" if settings.allow_untrusted else ""), soft_wrap=True)
+    else:
+        console.print(f"trusted: losses recomputed on held-out data by {target.name}'s evaluator, times observed "
+                      "by the sandbox", highlight=False, soft_wrap=True)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-LADDER = ("smoke", "short", "full", "confirm")
+from agent.names import LADDER
+from search_space.judge import MAX_PAIRS, MIN_PAIRS
+
+__all__ = ["LADDER", "SearchSettings"]
 
 
 @dataclass(frozen=True)
@@ -19,8 +22,8 @@ class SearchSettings:
     budget_minutes: float = 0.0
     budget_gpu_hours: float = 0.0
     budget_dollars: float = 0.0
-    seeds: int = 3  # baseline seeds per fidelity, and the first confirm batch
-    max_seeds: int = 8  # confirm adds seeds while the t-test is unclear, up to this many
+    seeds: int = 3  # baseline seeds per fidelity, and the first confirm batch (pairs)
+    max_seeds: int = MAX_PAIRS  # confirm adds pairs while the sequential test is unclear, up to this many
     max_fidelity: str = "confirm"
     storage: str = ""  # empty: sqlite in the search folder
     ray_address: str = ""
@@ -30,6 +33,8 @@ class SearchSettings:
     seed: int = 0  # the policy's random seed
     min_speedup: float = 1.0  # a rung is passed when the candidate beats the baseline by this ratio
     plots: bool = False  # a loss plot per trial as it finishes (about 0.5 s each); the summary plots the best
+    fdr: float = 0.05  # the false discovery rate the confirmations are held to, across the whole search
+    allow_untrusted: bool = False  # True: confirm candidates whose measurement is not trusted (shown either way)
 
     def __post_init__(self) -> None:
         if self.max_fidelity not in LADDER:
@@ -37,8 +42,11 @@ class SearchSettings:
         unknown = set(self.proposers) - {"ideas", "knobs", "llm"}
         if unknown or not self.proposers:
             raise ValueError(f"proposers {','.join(self.proposers)}: choose from ideas, knobs, llm")
-        if self.seeds < 1 or self.max_seeds < self.seeds:
-            raise ValueError(f"seeds {self.seeds} / max_seeds {self.max_seeds}: need 1 <= seeds <= max_seeds")
+        if not 0 < self.fdr < 1:
+            raise ValueError(f"fdr {self.fdr}: a rate between 0 and 1, e.g. 0.05")
+        if self.seeds < 1 or self.max_seeds < max(self.seeds, MIN_PAIRS):
+            raise ValueError(f"seeds {self.seeds} / max_seeds {self.max_seeds}: need 1 <= seeds <= max_seeds "
+                             f"and max_seeds >= {MIN_PAIRS} (the fewest pairs confirmation judges)")
 
     @property
     def ladder(self) -> tuple[str, ...]:

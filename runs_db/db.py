@@ -28,7 +28,17 @@ from optuna.distributions import BaseDistribution
 
 from runs_db.artifacts import Artifacts
 from runs_db.history import Candidate, History, snapshot
-from runs_db.study import STATES, Study, StudyError, TrialRecord, driver_url, summarise_runs
+from runs_db.study import (
+    SCHEMA_KEY,
+    SCHEMA_VERSION,
+    STATES,
+    SchemaError,
+    Study,
+    StudyError,
+    TrialRecord,
+    driver_url,
+    summarise_runs,
+)
 from search_space.records import RunResult, Status
 from search_space.target import Target
 
@@ -97,6 +107,7 @@ class RunsDB:
             if storage:
                 meta["storage"] = storage
             study.set_user_attr("speedsearch", {k: v for k, v in meta.items() if k != "storage"})
+            study.set_user_attr(SCHEMA_KEY, SCHEMA_VERSION)
             (d / ARTIFACTS_DIR).mkdir(exist_ok=True)
             # Written last: a folder with search.toml is a complete search.
             (d / SETTINGS_FILE).write_text(dumps_toml({**settings, META_KEY: meta}))
@@ -150,6 +161,20 @@ class RunsDB:
     @property
     def study_name(self) -> str:
         return self.study.name
+
+    @property
+    def schema(self) -> int:
+        return self.study.schema
+
+    def check_schema(self) -> None:
+        """Raise SchemaError (one line) unless this version can continue the search. Reading it
+        (status, show, replay) works for every version; only continuing it is refused."""
+        if self.schema == SCHEMA_VERSION:
+            return
+        made = "an older" if self.schema < SCHEMA_VERSION else "a newer"
+        raise SchemaError(f"{self.dir} was made by {made} speedsearch (runs-database schema {self.schema}, this one "
+                          f"writes {SCHEMA_VERSION}): it cannot be resumed; `speedsearch status` still reads it, "
+                          "start a new search folder to search again")
 
     @property
     def base_commit(self) -> str:
@@ -449,4 +474,4 @@ def _value(v: Any) -> str:
     return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML bans a raw DEL
 
 
-__all__ = ["BASELINE", "Candidate", "RunsDB", "SearchExistsError", "StudyError", "TrialRecord"]
+__all__ = ["BASELINE", "Candidate", "RunsDB", "SchemaError", "SearchExistsError", "StudyError", "TrialRecord"]

@@ -28,10 +28,18 @@ from search_space.records import RunResult, Status
 CORE_KEYS = ("commit", "parent", "proposer", "model", "title", "fidelity")
 STATE_PREFIX = "state:"  # study user attrs holding RunsDB.get_state/set_state values
 STATES = {"complete": TrialState.COMPLETE, "fail": TrialState.FAIL, "pruned": TrialState.PRUNED}
+# The layout of what a search writes (trial attrs, state keys); in the study's user attrs under SCHEMA_KEY.
+# 1: before it was recorded. 2: one Trial per candidate: `next`, `verdict`, `won`, `arm`, `score`,
+#    `speedup_text`, confirm's paired baseline trials (`pairs_for`), the online FDR state.
+SCHEMA_VERSION, SCHEMA_KEY = 2, "schema"
 
 
 class StudyError(RuntimeError):
     """A study that cannot be created, found or updated; the message says which and why."""
+
+
+class SchemaError(ValueError):
+    """A search written by another version of speedsearch than this one can continue."""
 
 
 def jsonable(value: Any) -> Any:
@@ -216,6 +224,12 @@ class Study:
     @property
     def user_attrs(self) -> dict[str, Any]:
         return self.storage.get_study_user_attrs(self._id)
+
+    @property
+    def schema(self) -> int:
+        """The schema version the search was written with (1 when it predates versions)."""
+        v = self.user_attrs.get(SCHEMA_KEY, 1)
+        return v if isinstance(v, int) else 1
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -349,3 +349,37 @@ def test_cut_off_answer_is_told_to_be_shorter(api, ctx):
     assert proposer(api).propose(ctx) is not None
     text = last_user_text(api.requests[1].body)
     assert "'edits' is missing" in text and "cut off at the output token limit" in text
+
+
+# -- what became of its proposals ------------------------------------------------------------------
+
+
+def test_a_candidate_failing_smoke_reaches_the_next_prompt(api, ctx):
+    from agent.proposal import Outcome
+
+    api.tool_use(answer(title="Crash on purpose")).tool_use(answer(title="Something else"))
+    llm = proposer(api)
+    first = llm.propose(ctx)
+    # the loop's one signature: every proposer is told (proposal, Outcome); this used to raise TypeError
+    llm.tell(first, Outcome(rung="smoke", status="failed", final=True, verdict="stopped",
+                            reason="RuntimeError: boom: the trainer raised"))
+    assert llm.propose(ctx).title == "Something else"
+    text = json.dumps(api.requests[1].body["messages"][0])
+    assert "Crash on purpose" in text and "boom: the trainer raised" in text and "recent_failures" in text
+    assert "boom" not in json.dumps(api.requests[0].body)
+
+
+def test_every_rung_and_the_win_reach_the_next_prompt(api, ctx):
+    from agent.proposal import Outcome
+
+    api.tool_use(answer(title="Faster decay")).tool_use(answer(title="Next"))
+    llm = proposer(api)
+    p = llm.propose(ctx)
+    llm.tell(p, Outcome(rung="short", status="ok", value=80.0, score=0.8, speedup="time to loss 2: 1.25x"))
+    llm.tell(p, Outcome(rung="full", status="ok", value=70.0, score=0.7, won=True, final=True, verdict="pass",
+                        speedup="time to loss 2: 1.43x [1.3, 1.6] vs base, 4 pairs"))
+    llm.propose(ctx)
+    text = json.dumps(api.requests[1].body["messages"][0])
+    best = text[text.index("<best_candidates>"):text.index("</best_candidates>")]
+    assert "Faster decay" in best and "status won" in best and "speed-up 1.429x" in best  # the final word
+    assert "recent_failures" not in text  # the rung's interim word was replaced, not kept beside it

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import git
+import optuna
 
 from agent.live import Live
 from agent.loop import Search
@@ -20,7 +21,7 @@ from agent.settings import SearchSettings
 from env.pool import Pool
 from runs_db.db import RunsDB
 from tests.fake_anthropic import FakeAnthropic
-from tests.toy import make_toy
+from tests.toy import make_toy, mode_patch
 
 
 def check_git_and_study_agree(d: Path) -> dict:
@@ -37,15 +38,15 @@ def check_git_and_study_agree(d: Path) -> dict:
     assert candidates <= tried, f"candidate commits without a trial: {candidates - tried}"
     assert base in tried
     done = [(t.commit, t.fidelity, t.proposer) for t in trials if t.state == "complete"
-            and t.fidelity != "confirm"]
+            and t.fidelity != "confirm" and t.proposer != "baseline"]  # the base is re-measured on purpose
     assert len(done) == len(set(done)), "a completed evaluation was counted twice"
     return data
 
 
 def test_search_finds_the_real_improvement(ray_cluster, tmp_path: Path):
     toy = make_toy(tmp_path / "toy", gpus=1, sleep=0.02, full=20, short=10)
-    settings = SearchSettings(target=str(toy.source), proposers=("ideas", "knobs"), seeds=2, max_seeds=4,
-                              budget_trials=14, workers=4)
+    settings = SearchSettings(target=str(toy.source), proposers=("ideas", "knobs"), seeds=2,
+                              allow_untrusted=True, budget_trials=14, workers=4)  # the toy has no trusted evaluator
     db, settings = open_search(tmp_path / "search", settings)
     with db:
         pool = Pool(run_root=tmp_path / "runs")
@@ -62,11 +63,21 @@ def test_search_finds_the_real_improvement(ray_cluster, tmp_path: Path):
     assert {t["proposer"] for t in data["trials"]} >= {"baseline", "ideas"}
     rungs = {t["fidelity"] for t in data["trials"] if t["proposer"] != "baseline"}
     assert {"smoke", "short", "full"} <= rungs
+    assert summary.confirmed and summary.best_text.startswith("time to loss"), summary
+    with RunsDB.open(tmp_path / "search") as db:
+        counts = db.get_state("policy")["counts"]
+        knobs = optuna.load_study(study_name=f"{db.study_name}-knobs", storage=db.storage_url).get_trials()
+        ended = [t for t in db.trials() if t.attrs.get("verdict") and t.proposer != "baseline"]
+    # every learner heard: the bandit one reward per ended candidate, the sampler COMPLETE or FAIL
+    assert sum(sum(c) for c in counts.values()) == len(ended) > 0
+    assert knobs and not [t.number for t in knobs if t.state == optuna.trial.TrialState.RUNNING]
+    assert any(t.state == optuna.trial.TrialState.COMPLETE for t in knobs)
 
 
 def test_llm_loop_records_usage_and_history(ray_cluster, tmp_path: Path, monkeypatch):
     toy = make_toy(tmp_path / "toy", gpus=1, sleep=0.01)
     with FakeAnthropic() as server:
+        server.tool_use({"title": "Crash on purpose", "rationale": "r", "edits": mode_patch("crash")})
         for i in range(30):
             rate = 1.5 + 0.25 * i
             server.tool_use({"title": f"rate {rate}", "rationale": "faster decay",
@@ -85,6 +96,8 @@ def test_llm_loop_records_usage_and_history(ray_cluster, tmp_path: Path, monkeyp
         assert summary.dollars > 0
         prompts = [json.dumps(r.body) for r in server.requests]
         assert "rate 1.5" in prompts[-1], "the last prompt does not show the first candidate"
+        # the candidate that failed smoke was told to the proposer (this used to raise TypeError) and shown
+        assert "Crash on purpose" in prompts[-1] and "boom: the trainer raised" in prompts[-1]
         assert all("sk-test" not in p for p in prompts)
 
 
@@ -123,3 +136,53 @@ def test_resume_after_sigkill(tmp_path: Path):
         assert after.get(number) == rec, f"completed trial {number} was lost or changed"
     assert not running
     check_git_and_study_agree(d)
+    # learning went on where it stopped: nothing proposed again, every learner told every candidate
+    assert "already tried" not in out.stdout + out.stderr
+    with RunsDB.open(d) as db:
+        counts = db.get_state("policy")["counts"]
+        ended = [t for t in db.trials() if t.attrs.get("verdict") and t.proposer != "baseline"]
+        knobs = optuna.load_study(study_name=f"{db.study_name}-knobs", storage=db.storage_url).get_trials()
+    assert sum(sum(c) for c in counts.values()) == len(ended) > 0
+    assert not [t.number for t in knobs if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def comment_ideas(n: int) -> str:
+    """n ideas that each add a comment: edits that change nothing a run does."""
+    return "".join(f'''
+[[idea]]
+name = "note-{i}"
+title = "Note {i}"
+rationale = "a comment only"
+edits = """
+train.py
+<<<<<<< SEARCH
+MODE = "ok"
+=======
+MODE = "ok"
+# note {i}: nothing changes
+>>>>>>> REPLACE
+"""
+''' for i in range(n))
+
+
+def test_a_search_of_null_changes_confirms_nothing(ray_cluster, tmp_path: Path):
+    """A/A, end to end: 200 candidates whose edits are comments, judged by the real ladder,
+    pairing, sequential test and online FDR. With every candidate null, LORD++ keeps the chance of
+    ANY false winner in the whole search at or below w0 = fdr. We set fdr = 0.0005, so this test
+    fails less than once in 2000 runs when the code is right (the allowance is 0 confirmations),
+    leaving margin for the t-test's approximations with few pairs."""
+    toy = make_toy(tmp_path / "toy", gpus=1, sleep=0.002, full=20, short=10)
+    (tmp_path / "toy" / "ideas.toml").write_text(comment_ideas(260))
+    settings = SearchSettings(target=str(toy.source), proposers=("ideas",), seeds=3, budget_trials=200, workers=4,
+                              fdr=0.0005, allow_untrusted=True)  # the toy has no trusted evaluator
+    db, settings = open_search(tmp_path / "search", settings)
+    with db:
+        pool = Pool(run_root=tmp_path / "runs")
+        summary = Search(db, toy, settings, pool, build_proposers(settings, toy, db), Live(enabled=False)).run()
+        trials = db.trials()
+    assert summary.trials == 200, summary
+    confirms = [t for t in trials if t.fidelity == "confirm" and t.proposer == "ideas"]
+    assert len(confirms) >= 10, "too few candidates reached confirm for the test to mean anything"
+    assert not summary.confirmed and summary.best_commit is None, summary.confirmed
+    assert not [t.number for t in confirms if t.attrs.get("verdict") == "pass"]
+    assert summary.verdict_line().startswith("nothing was confirmed")

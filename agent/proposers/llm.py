@@ -17,16 +17,18 @@ cost, and the running total (`total_cost`) is updated under a lock.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import threading
+from collections import deque
 from typing import Any
 
 import anthropic
 
 from agent import prompt as prompts
 from agent.pricing import dollars
-from agent.proposal import Cost, Proposal, ProposalContext
+from agent.proposal import Attempt, Cost, Outcome, Proposal, ProposalContext
 from search_space.edits import Edit, EditError, apply_edits, parse_edits
 from search_space.rules import RuleViolation, check_change
 
@@ -35,6 +37,7 @@ _CONFIG_ERRORS = tuple(getattr(anthropic, n) for n in ("AuthenticationError", "P
                                                        "NotFoundError", "PaymentRequiredError")
                        if hasattr(anthropic, n))
 MAX_TITLE = 200
+OUTCOMES = 8  # own outcomes carried into the next prompt
 
 
 class LLMConfigError(RuntimeError):
@@ -127,6 +130,7 @@ class LLMProposer:
         self.last_error: str | None = None
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self.outcomes: deque[Attempt] = deque(maxlen=OUTCOMES)  # what became of its own proposals
 
     def __repr__(self) -> str:
         return f"LLMProposer(models={self.models!r})"
@@ -146,8 +150,21 @@ class LLMProposer:
         with self._lock:
             self.last_error = why
 
+    def with_outcomes(self, ctx: ProposalContext) -> ProposalContext:
+        """The context plus what became of this proposer's own recent proposals: the ones that
+        failed or lost go with the failures (with their reason), the ones that won with the best."""
+        with self._lock:
+            mine = list(self.outcomes)
+        if not mine:
+            return ctx
+        shown = {(a.title, a.status) for a in ctx.failures} | {a.title for a in ctx.best}
+        lost = [a for a in mine if a.status != "won" and (a.title, a.status) not in shown]
+        won = [a for a in mine if a.status == "won" and a.title not in shown]
+        return dataclasses.replace(ctx, failures=list(ctx.failures) + lost, best=won + list(ctx.best))
+
     def propose(self, ctx: ProposalContext) -> Proposal | None:
         model = self.pick_model()
+        ctx = self.with_outcomes(ctx)
         built = prompts.build(ctx, self.limits)
         messages: list[Any] = list(built.messages)
         cost = Cost()
@@ -217,5 +234,19 @@ class LLMProposer:
         else:
             messages.append({"role": "user", "content": results})
 
-    def tell(self, proposal: Proposal, value: float | None) -> None:
-        """Nothing to learn here: the prompt already carries the search's history."""
+    def tell(self, proposal: Proposal, outcome: Outcome) -> None:
+        """Every outcome of its proposals reaches its next prompt (`with_outcomes`): at a rung
+        as it is measured, and the final word; each replaces the proposal's previous one."""
+        if outcome.final and outcome.won:
+            status = "won"
+        elif outcome.status != "ok":
+            status = outcome.status
+        else:
+            status = f"ok at {outcome.rung}, {outcome.verdict or 'not faster'}" if outcome.final else \
+                f"ok at {outcome.rung}"
+        attempt = Attempt(proposal.title, self.name, "", status, outcome.value,
+                          (1 / outcome.score) if outcome.score else None, outcome.line(proposal.title))
+        with self._lock:
+            for old in [a for a in self.outcomes if a.title == proposal.title]:
+                self.outcomes.remove(old)
+            self.outcomes.append(attempt)
