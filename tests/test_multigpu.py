@@ -26,7 +26,7 @@ LAUNCH = textwrap.dedent('''
     p.add_argument("--hang", type=int, default=0)
     a = p.parse_args()
     ranks = [subprocess.Popen([sys.executable, "-c",
-             "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+             "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)", "RANK-TAG"],
              env={**os.environ, "RANK": str(r)}) for r in range(1, a.nproc)]
     print("NPROC=%d VISIBLE=%s NVLS=%s RANKS=%s" % (a.nproc, os.environ.get("CUDA_VISIBLE_DEVICES"),
           os.environ.get("NCCL_NVLS_ENABLE"), ",".join(str(r.pid) for r in ranks)), flush=True)
@@ -81,12 +81,14 @@ def test_two_gpu_runs_share_four_gpus_without_overlap(ray_cluster, tmp_path: Pat
     assert not seen[0] & seen[1], f"two runs were given the same GPU: {seen}"
 
 
-def _alive(pids: list[int]) -> list[int]:
+def _alive(tag: str) -> list[int]:
+    """The ranks still running, found by the tag in their command line: the pids a rank prints are
+    those of the run's own pid namespace, not the host's."""
     out = []
-    for pid in pids:
+    for p in psutil.process_iter(["cmdline"]):
         try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
+            if tag in (p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
         except psutil.NoSuchProcess:
             pass
     return out
@@ -95,8 +97,10 @@ def _alive(pids: list[int]) -> list[int]:
 @pytest.mark.parametrize("how", ["timeout", "cancel"])
 def test_every_rank_ends(ray_cluster, tmp_path: Path, how: str):
     target = make_target(tmp_path / "t", gpus=2, timeout_s=4 if how == "timeout" else 120)
+    tag = f"speedsearch-test-rank-{how}-{os.getpid()}"
     (tmp_path / "t" / "launch.py").write_text(LAUNCH.replace('p.add_argument("--hang", type=int, default=0)',
-                                                             'p.add_argument("--hang", type=int, default=1)'))
+                                                             'p.add_argument("--hang", type=int, default=1)')
+                                              .replace("RANK-TAG", tag))
     pool = Pool(run_root=tmp_path / "runs")
     ref = pool.submit(RunSpec(target, seed=0, fidelity="full", run_id=f"ranks-{how}"))
     log = None
@@ -108,14 +112,14 @@ def test_every_rank_ends(ray_cluster, tmp_path: Path, how: str):
             break
         time.sleep(0.1)
     assert log is not None, "the run never started"
-    ranks = [int(p) for p in banner(log.read_text())["RANKS"].split(",")]
-    assert _alive(ranks)
+    assert len(banner(log.read_text())["RANKS"].split(",")) == 1
+    assert len(_alive(tag)) == 1
     if how == "cancel":
         pool.cancel(ref)
     else:
         assert pool.get(ref).result.status == Status.TIMEOUT
     deadline = time.time() + 20
-    while time.time() < deadline and _alive(ranks):
+    while time.time() < deadline and _alive(tag):
         time.sleep(0.1)
-    assert not _alive(ranks), f"ranks left running after {how}"
+    assert not _alive(tag), f"ranks left running after {how}"
     assert os.getpid()  # the test process itself is untouched
