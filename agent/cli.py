@@ -111,6 +111,8 @@ def launch(
     sandbox: str = typer.Option("process", help="process | docker"),
     models: str = typer.Option("claude-sonnet-4-6", help="LLM model, or model:weight,model:weight"),
     seed: int = typer.Option(0, help="the policy's random seed"),
+    drain_minutes: float = typer.Option(4.0, help="after --budget-minutes, let confirmations under way finish "
+                                        "for up to this many minutes"),
     fdr: float = typer.Option(0.05, help="false discovery rate the confirmations are held to (LORD++)"),
     allow_untrusted: bool = typer.Option(False, "--allow-untrusted",
                                          help="confirm candidates of a target without a trusted evaluator"),
@@ -125,7 +127,8 @@ def launch(
             target=target, proposers=_split(proposers), workers=workers, budget_trials=budget_trials,
             budget_minutes=budget_minutes, budget_gpu_hours=budget_gpu_hours, budget_dollars=budget_dollars,
             seeds=seeds, max_fidelity=max_fidelity, storage=storage, ray_address=ray_address, sandbox=sandbox,
-            models=models, seed=seed, fdr=fdr, allow_untrusted=allow_untrusted)
+            models=models, seed=seed, fdr=fdr, allow_untrusted=allow_untrusted,
+            drain_minutes=drain_minutes)
         db, settings = open_search(dir, settings)
     except (ValueError, TargetError, FileExistsError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")

@@ -53,6 +53,7 @@ class Search:
         self.stranded: list[Trial] = []  # left waiting when the budget ran out (a resume takes them on)
         self.counter = itertools.count()
         self.inflight: dict = {}  # ObjectRef -> (trial, role, seed)
+        self.drain_noted = False
         self.open: dict[int, Trial] = {}  # study trial number -> its Trial, while a batch runs
         self.trials: dict[str, Trial] = {}  # commit -> candidate
         self.baselines = Baselines(target)
@@ -329,6 +330,20 @@ class Search:
             return "gpu-hours"
         return ""
 
+    def _draining(self) -> bool:
+        """Past the minutes budget: go on only while a confirmation already under way can finish
+        within `drain_minutes` (nothing new starts: `_dispatch` strands new trials at the budget)."""
+        over_s = time.time() - self.started - self.settings.budget_minutes * 60
+        under_way = [*self.open.values(), *(t for *_, t in self.queue)]
+        confirming = {t.commit for t in under_way if t.rung == Rung.CONFIRM and not t.is_baseline}
+        if not confirming or over_s >= self.settings.drain_minutes * 60:
+            return False
+        if not self.drain_noted:
+            self.drain_noted = True
+            self.live.note(f"minutes budget reached: finishing {len(confirming)} confirmation(s) under way, "
+                           f"for up to {self.settings.drain_minutes:g} min more")
+        return True
+
     def _idle(self) -> bool:
         """Nothing running, nothing being proposed, nothing that could start."""
         return not self.inflight and not self.ahead.futures and not any(self._runnable(t) for *_, t in self.queue)
@@ -382,7 +397,7 @@ class Search:
                     if self.recorder.error is not None:
                         self.recorder.flush()  # raises the failed write
                     hit = self._budget_hit()
-                    if hit == "minutes":
+                    if hit == "minutes" and not self._draining():
                         self.summary.stopped_by = hit
                         break
                     if self._idle() and (hit or not self.policy.live_arms()):

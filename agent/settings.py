@@ -35,6 +35,9 @@ class SearchSettings:
     plots: bool = False  # a loss plot per trial as it finishes (about 0.5 s each); the summary plots the best
     fdr: float = 0.05  # the false discovery rate the confirmations are held to, across the whole search
     allow_untrusted: bool = False  # True: confirm candidates whose measurement is not trusted (shown either way)
+    # At the minutes budget nothing new starts, but confirmations already under way may finish for up
+    # to this many minutes more: a half-run confirmation would otherwise be thrown away.
+    drain_minutes: float = 4.0
 
     def __post_init__(self) -> None:
         if self.max_fidelity not in LADDER:
@@ -42,6 +45,8 @@ class SearchSettings:
         unknown = set(self.proposers) - {"ideas", "knobs", "llm"}
         if unknown or not self.proposers:
             raise ValueError(f"proposers {','.join(self.proposers)}: choose from ideas, knobs, llm")
+        if self.drain_minutes < 0:
+            raise ValueError(f"drain_minutes {self.drain_minutes}: zero or more")
         if not 0 < self.fdr < 1:
             raise ValueError(f"fdr {self.fdr}: a rate between 0 and 1, e.g. 0.05")
         if self.seeds < 1 or self.max_seeds < max(self.seeds, MIN_PAIRS):
