@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -67,12 +68,29 @@ def make_pool(settings: SearchSettings, target: Target, db: RunsDB, num_gpus: in
 def run_search(db: RunsDB, settings: SearchSettings, console: Console | None = None, pool: Pool | None = None,
                live: Live | None = None) -> Summary:
     target = load_target(settings.target)
-    pool = pool or make_pool(settings, target, db)
     proposers = build_proposers(settings, target, db)
     live = live or Live(enabled=console is not None, console=console, title=f"speedsearch: {target.name}")
     if console is not None:
         print_header(console, target, settings)
-    return Search(db, target, settings, pool, proposers, live=live).run()
+    own_pool = pool is None
+    pool = pool or make_pool(settings, target, db)
+    try:
+        return Search(db, target, settings, pool, proposers, live=live).run()
+    finally:
+        if own_pool:  # the workers go now, so what a cancelled run of theirs still held can be freed
+            pool.shutdown()
+            _free_volumes(Path(db.dir))
+
+
+def _free_volumes(folder: Path, wait_s: float = 10.0) -> None:
+    """Unmount the volumes that runs cancelled at the stop left in `folder`, once their (killed)
+    workers are gone: nothing of a run outlives the search."""
+    from env.volume import mounted_under, reap_orphans
+
+    deadline = time.monotonic() + wait_s
+    while os.geteuid() == 0 and mounted_under(folder) and time.monotonic() < deadline:
+        reap_orphans()
+        time.sleep(0.1)
 
 
 def print_header(console: Console, target: Target, settings: SearchSettings) -> None:

@@ -153,6 +153,9 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         result.status, result.reason = _classify(outcome, reader, pruned, log_path)
         if result.status == Status.OK and evaluator is not None and keeper is not None:
             _trusted_measurement(spec, result, reader, keeper, started, evaluator)
+    except BaseException:  # a cancel (KeyboardInterrupt in a Ray task) still frees the workspace volume
+        sandbox.release(workdir, keep_workdir)
+        raise
     finally:
         if evaluator is not None:
             evaluator.close()

@@ -143,6 +143,12 @@ def _loop_mounts() -> list[tuple[Path, Path]]:
     return found
 
 
+def mounted_under(folder: Path) -> list[Path]:
+    """The loop-mounted volumes inside `folder` (a search's run folder: empty once it is done)."""
+    folder = Path(folder).resolve()
+    return [point for point, _ in _loop_mounts() if point.is_relative_to(folder)]
+
+
 def reap_orphans() -> list[Path]:
     """Unmount the volumes of processes that died without closing them (a worker killed with -9),
     and delete their images; returns the folders freed. Only volumes made by this module (named

@@ -96,3 +96,28 @@ def test_replay_and_export(tmp_path: Path):
     assert (record / "README.md").exists() and (record / "pr.md").exists()
     again = cli(*export)  # the record exists already: refused, nothing overwritten
     assert again.returncode == 2 and "error" in again.stderr
+
+
+def test_a_stop_at_the_minutes_budget_leaves_no_run_behind(tmp_path: Path):
+    """Runs in flight when the minutes budget ends are cancelled: their sandboxes' volumes are
+    unmounted and none of their processes survives the search."""
+    import psutil
+
+    from env.volume import mounted_under
+
+    toy = make_toy(tmp_path / "toy", sleep=0.5)  # 20 steps of 0.5 s: runs are always in flight
+    d = tmp_path / "search"
+    out = cli("launch", "--dir", str(d), "--target", str(toy.source), "--seeds", "2", "--workers", "2",
+              "--budget-minutes", "0.3", "--drain-minutes", "0")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "stopped: minutes" in out.stdout
+    assert (d / "runs").is_dir() and any((d / "runs").iterdir()), "no run was started"
+    assert mounted_under(d) == []
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if p.cwd().startswith(str(d)):
+                left.append((p.pid, p.cmdline()))
+        except (psutil.Error, OSError):
+            pass
+    assert left == []
