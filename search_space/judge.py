@@ -41,7 +41,8 @@ MIN_PAIRS = 6
 MAX_PAIRS = 24
 LOOKS = 4  # scheduled looks between MIN_PAIRS and MAX_PAIRS
 FUTILITY_P = 0.2  # at a look, a one-sided p-value above this stops the candidate
-TARGET_QUANTILE = 0.99  # a new baseline seed reaches the chosen target loss with this probability
+TARGET_QUANTILE = 0.975  # a new baseline seed reaches the chosen target loss with this probability (over
+# the 95 % floor; 0.99, with the 3 seeds a search starts with, put the target far up the curve)
 
 
 def SPENDING(t: float) -> float:  # noqa: N802 (a constant of the rule, swappable in the bench)
