@@ -24,9 +24,10 @@ from tests import hostile_measure as H
 TINYGPT = load_target("tinygpt")
 
 
-def evaluate_cli(tmp_path: Path, fidelity: str, patch: str | None = None) -> tuple[dict, str]:
+def evaluate_cli(tmp_path: Path, fidelity: str, patch: str | None = None,
+                 sandbox: str = "process") -> tuple[dict, str]:
     args = [sys.executable, "-m", "agent", "evaluate", "--target", "tinygpt", "--fidelity", fidelity,
-            "--json", "--run-root", str(tmp_path / "runs")]
+            "--json", "--run-root", str(tmp_path / "runs"), "--sandbox", sandbox]
     if patch is not None:
         (tmp_path / "attack.patch").write_text(patch)
         args += ["--patch", str(tmp_path / "attack.patch")]
@@ -117,6 +118,37 @@ def test_rewriting_earlier_checkpoints_changes_nothing(honest, tmp_path):
     assert r["status"] == "ok" and r["trust"] == "trusted", r["reason"]
     base = honest["short"][0]
     assert [round(p[1], 5) for p in r["curve"]] == [round(p[1], 5) for p in base["curve"]]
+
+
+# The same attacks through the Docker sandbox: the measurement does not depend on which sandbox ran
+# the trainer (one test per class; the held-out split is not mounted in the container either).
+DOCKER_ATTACKS = {
+    "forged-clock-0.85": ("short", H.forged_clock(0.85), "ATTACK: perf_counter rebound to 0.85x",
+                          "clock: the log claims"),
+    "rewritten-stdout": ("smoke", H.REWRITTEN_STDOUT, "ATTACK: stdout rewrites val_loss", "loss: the log claims"),
+    "forged-last-line": ("short", H.FORGED_LAST_LINE, "ATTACK: forged last line", "no checkpoint for step 75"),
+    "subset-validation": ("smoke", H.SUBSET_VALIDATION, "ATTACK: evaluate swapped", "loss: the log claims"),
+    "train-on-validation": ("smoke", H.TRAIN_ON_VALIDATION, "ATTACK: the held-out split is not readable",
+                            "loss: the log claims"),
+    "single-line": ("smoke", H.SINGLE_LINE, "step:5/5 val_loss:0.0100", "validations expected at steps 0, 5"),
+    "look-ahead": ("smoke", H.LOOK_AHEAD, None, "look-ahead: logits at position"),
+}
+
+
+@pytest.mark.docker
+def test_honest_run_is_trusted_under_docker(tmp_path):
+    r, _ = evaluate_cli(tmp_path, "smoke", sandbox="docker")
+    assert r["status"] == "ok" and r["trust"] == "trusted", r["reason"]
+    assert r["provenance"]["sandbox"] == "docker"
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("attack", sorted(DOCKER_ATTACKS))
+def test_measurement_attacks_under_docker(tmp_path, attack):
+    fidelity, patch, marker, detection = DOCKER_ATTACKS[attack]
+    r, log = evaluate_cli(tmp_path, fidelity, patch, sandbox="docker")
+    assert r["provenance"]["sandbox"] == "docker"
+    refused(r, log, marker, detection)
 
 
 # ---- the pieces, on their own ---------------------------------------------------------------------
