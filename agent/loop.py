@@ -229,7 +229,8 @@ class Search:
             base = self.baselines[fid]
             obs = judge.run_objective(base.kind, runs[0].curve, base.target_loss)
             if obs is not None:
-                sp = judge.speedup(base.kind, base.target_loss, [(obs, base.obs)])
+                sp = judge.speedup(base.kind, base.target_loss, [(obs, base.obs)],
+                                   versus=f"mean of {base.runs} runs, 1 seed, unconfirmed")
                 t.values[t.rung], t.scores[t.rung] = obs.value, obs.value / base.value
                 t.speedup, t.speedup_text = sp.to_dict(), sp.text()
                 won_rung = ladder.beats(sp, self.settings.min_speedup)

@@ -160,10 +160,15 @@ class Speedup:
     budget: str = ""  # loss_at_budget: the budget in words, e.g. "300 steps"
     censored: int = 0  # pairs with a censored side
     confidence: float = 0.95
+    # What the candidate was compared with, when not pairs: a screening rung's single seed against
+    # the mean of the base's recent runs says so, rather than "1 pair".
+    versus: str = ""
 
     def text(self) -> str:
         n = f"{self.pairs} pair{'s' if self.pairs != 1 else ''}" + (
             f", {self.censored} censored" if self.censored else "")
+        if self.versus:
+            n = self.versus
         if self.kind == "loss_at_budget":
             what, fmt = f"loss at {self.budget or 'the budget'}", "{:+.4f}"
         else:
@@ -203,7 +208,7 @@ class Speedup:
 
 
 def speedup(kind: str, target_loss: float, pairs: list[tuple[Obs, Obs]], confidence: float = 0.95,
-            budget: str = "") -> Speedup:
+            budget: str = "", versus: str = "") -> Speedup:
     """The speed-up over (candidate, baseline) pairs, each measured on one node in one window."""
     g, censored = gains(kind, pairs)
     m, low, high = _interval(g, confidence)
@@ -211,7 +216,7 @@ def speedup(kind: str, target_loss: float, pairs: list[tuple[Obs, Obs]], confide
         est, lo, hi = -m, -high, -low
     else:
         est, lo, hi = math.exp(m), math.exp(low), math.exp(high)
-    return Speedup(kind, float(target_loss), est, lo, hi, len(pairs), budget, censored, confidence)
+    return Speedup(kind, float(target_loss), est, lo, hi, len(pairs), budget, censored, confidence, versus)
 
 
 def _interval(g: list[float], confidence: float) -> tuple[float, float, float]:

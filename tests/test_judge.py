@@ -71,6 +71,9 @@ def test_speedup_text_ratio_and_difference():
     assert s.text() == f"time to loss 2.466: {s.estimate:.2f}x [{s.low:.2f}, {s.high:.2f}] vs base, 3 pairs"
     st = speedup("steps_to_target", 3.28, pairs[:1])
     assert st.text() == "steps to loss 3.28: 2.00x [no interval] vs base, 1 pair"
+    screen = speedup("time_to_target", 2.466, pairs[:1], versus="mean of 12 runs, 1 seed, unconfirmed")
+    assert screen.text() == "time to loss 2.466: 2.00x [no interval] vs base, mean of 12 runs, 1 seed, unconfirmed"
+    assert type(screen).from_dict(screen.to_dict()).text() == screen.text()  # (NaN bounds: compare the words)
     loss = speedup("loss_at_budget", math.nan, [(Obs(2.40), Obs(2.41)), (Obs(2.39), Obs(2.41))], budget="300 steps")
     assert loss.estimate == pytest.approx(-0.015) and loss.better  # a difference, lower is better
     assert loss.text().startswith("loss at 300 steps: -0.0150 [") and loss.text().endswith("vs base, 2 pairs")
