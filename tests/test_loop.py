@@ -174,7 +174,8 @@ def test_a_search_of_null_changes_confirms_nothing(ray_cluster, tmp_path: Path):
     toy = make_toy(tmp_path / "toy", gpus=1, sleep=0.002, full=20, short=10)
     (tmp_path / "toy" / "ideas.toml").write_text(comment_ideas(260))
     settings = SearchSettings(target=str(toy.source), proposers=("ideas",), seeds=3, budget_trials=200, workers=4,
-                              fdr=0.0005, allow_untrusted=True)  # the toy has no trusted evaluator
+                              fdr=0.0005, allow_untrusted=True,  # the toy has no trusted evaluator
+                              min_speedup=0.9)  # most nulls climb to confirm: the test of confirm is what counts
     db, settings = open_search(tmp_path / "search", settings)
     with db:
         pool = Pool(run_root=tmp_path / "runs")
