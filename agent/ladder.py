@@ -29,11 +29,14 @@ def following(rung: str, ladder: tuple[str, ...]) -> str | None:
 
 
 def beats(speedup: judge.Speedup | None, min_speedup: float) -> bool:
-    """Did a single-seed rung beat the baseline? A ratio must reach `min_speedup`; a loss
-    difference (loss_at_budget) must be better, i.e. lower."""
-    if speedup is None or not speedup.better:
+    """Did a single-seed rung clear the screening bar? A ratio must reach `min_speedup` (a bar below
+    1 lets a candidate that measured a little slower climb: screening is noisy); a loss difference
+    (loss_at_budget) must be better, i.e. lower."""
+    if speedup is None:
         return False
-    return speedup.kind == "loss_at_budget" or speedup.estimate >= min_speedup
+    if speedup.kind == "loss_at_budget":
+        return speedup.better
+    return speedup.estimate >= min_speedup
 
 
 def after_rung(rung: str, ladder: tuple[str, ...], ok: bool, won_rung: bool, *, trusted: bool = True,

@@ -14,6 +14,7 @@ check that every learner was told, the knobs sampler's trials left RUNNING (goal
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -30,6 +31,7 @@ from agent.loop import Search
 from agent.runner import build_proposers, open_search
 from agent.settings import SearchSettings
 from env.pool import Pool
+from env.volume import free_under
 from tests.toy import make_toy
 
 
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=64)
     ap.add_argument("--run-s", type=float, default=2.0, help="seconds a full run sleeps (16 steps)")
+    ap.add_argument("--cold", action="store_true", help="no warm slots: every run starts from nothing")
     args = ap.parse_args()
     args.sleep = args.run_s / 16
     console = Console()
@@ -67,7 +70,7 @@ def main() -> None:
     settings = SearchSettings(target=str(toy.source), proposers=("ideas", "knobs"), workers=args.workers,
                               budget_trials=args.trials, seeds=3, allow_untrusted=True)
     db, settings = open_search(tmp / "search", settings)
-    pool = Pool(run_root=tmp / "runs")
+    pool = Pool(run_root=tmp / "runs", warm=not args.cold)
     pool.warm_up(args.workers, cpus=1, gpus=1)  # worker processes start once per cluster, not per search
     with db:
         search = Search(db, toy, settings, pool, build_proposers(settings, toy, db), Live(enabled=False))
@@ -80,6 +83,7 @@ def main() -> None:
         rewarded = sum(sum(c) for c in db.get_state("policy")["counts"].values())
         ended = sum(1 for t in db.trials() if t.proposer != "baseline" and t.attrs.get("verdict"))
     ray.shutdown()
+    free_under(tmp)  # the workers' warm slots (env/warm.py) leave their volumes to the next owner
     meter = search.meter
     per_trial = np.array(list(meter.controller_s.values())) * 1000
     run_s = [e - s for s, e, *_ in meter.spans]
@@ -88,7 +92,9 @@ def main() -> None:
     busy_steady = busy_fraction(meter.spans, args.workers, last_start)
     first = min(s for s, *_ in meter.spans)
     active = sum(a for end, a in meter.active if end <= last_start) / (args.workers * (last_start - first))
-    table = Table(title=f"search loop, {args.workers} logical GPU workers, sleeping trainer ({args.run_s} s full runs)")
+    start = "cold starts" if args.cold else "warm slots"
+    table = Table(title=f"search loop, {args.workers} logical GPU workers, sleeping trainer ({args.run_s} s full "
+                        f"runs), {start}, {os.cpu_count()} cores")
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_column("goal")

@@ -44,11 +44,13 @@ class RunSpec:
     env: tuple[tuple[str, str], ...] = ()  # extra environment (e.g. the controller's NCCL safety settings)
 
 
-def make_sandbox(name: str, target: Target | None = None, image: str | None = None) -> Sandbox:
+def make_sandbox(name: str, target: Target | None = None, image: str | None = None, warm: bool = False) -> Sandbox:
+    """`warm`: a long-lived caller (a pool worker) lets the process sandbox start the next training
+    run ahead (env/warm.py)."""
     if name == "process":
         from env.process_sandbox import ProcessSandbox
 
-        return ProcessSandbox()
+        return ProcessSandbox(warm=warm)
     if name == "docker":
         from env.docker_sandbox import DockerSandbox
 
@@ -127,7 +129,7 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         limits=Limits(timeout_s=target.resources.timeout_s, memory_mb=target.resources.memory_mb,
                       cpus=target.resources.cpus, gpu_ids=spec.gpu_ids, pids=target.resources.pids,
                       log_mb=target.resources.log_mb, disk_mb=target.resources.disk_mb),
-        data=data, cache_dir=cache_dir, hide=hidden_paths(target))
+        data=data, cache_dir=cache_dir, hide=hidden_paths(target), warm=True)
     evaluator = None if trust is None else Evaluator(
         trust, sandbox, lambda dest: _materialise(spec, dest), run_dir, request.env, request.limits, request.hide,
         keep_workdir)

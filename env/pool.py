@@ -2,12 +2,13 @@
 
 A local `ray.init()` by default, an address for a cluster, logical GPUs in tests. A dead node
 retries the run (Ray's task retries); a failing trainer does not (evaluate returns, never raises).
-Each worker slot keeps its compile caches in one folder, so a candidate that keeps the graph does
-not pay for compilation again.
+Each worker process keeps its compile caches in one folder, so a candidate that keeps the graph
+does not pay for compilation again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import threading
@@ -36,25 +37,50 @@ class Finished:
 
 
 @functools.cache
-def _sandbox(name: str, image: str):
-    """One sandbox per worker process and kind (a Docker client and image check cost ~50 ms)."""
-    return make_sandbox(name, image=image)
+def _sandbox(name: str, image: str, warm: bool = True):
+    """One sandbox per worker process and kind (a Docker client and image check cost ~50 ms); a
+    process sandbox keeps the next run's start-up done ahead (env/warm.py)."""
+    return make_sandbox(name, image=image, warm=warm)
 
 
-def _run(spec: RunSpec, sandbox_name: str, run_root: str) -> Finished:
+@functools.cache
+def _cache_slot(node: str) -> Path:
+    """This worker process's compile-cache folder: the first of the node's `w<k>` folders no other
+    live process holds (a lock held for the process's life). One writer at a time per folder, kept
+    from one search to the next, and the same whichever GPU Ray hands the process: a warm slot
+    (env/warm.py) binds its cache folder before it knows the GPU."""
+    root = cache_dir() / "compile"
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(4096):
+        fd = os.open(root / f"{node}-w{k}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _held.append(fd)  # never closed: the lock goes with the process
+        folder = root / f"{node}-w{k}"
+        folder.mkdir(exist_ok=True)
+        return folder
+    raise RuntimeError(f"no free compile-cache slot under {root}")
+
+
+_held: list[int] = []
+
+
+def _run(spec: RunSpec, sandbox_name: str, run_root: str, warm: bool = True) -> Finished:
     started = time.time()
     ctx = ray.get_runtime_context()
     gpu_ids = tuple(str(g) for g in ctx.get_accelerator_ids().get("GPU", []))
     spec = replace(spec, gpu_ids=gpu_ids or spec.gpu_ids)
     slot = "gpu" + "-".join(gpu_ids) if gpu_ids else f"cpu-{os.getpid()}"
-    cache = cache_dir() / "compile" / f"{ctx.get_node_id()[:12]}-{slot}"
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = _cache_slot(ctx.get_node_id()[:12])
     cancel = threading.Event()
     box: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            box["result"] = evaluate(spec, _sandbox(sandbox_name, spec.target.docker_image), Path(run_root),
+            box["result"] = evaluate(spec, _sandbox(sandbox_name, spec.target.docker_image, warm), Path(run_root),
                                      cancel=cancel, cache_dir=cache)
         except BaseException as e:  # handed to the task's thread below
             box["error"] = e
@@ -87,7 +113,7 @@ class Pool:
     """Submit RunSpecs, get RunResults. Resources per run come from the target."""
 
     def __init__(self, address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-                 sandbox: str = "process", run_root: Path | str | None = None):
+                 sandbox: str = "process", run_root: Path | str | None = None, warm: bool = True):
         if not ray.is_initialized():
             kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
             if address:
@@ -95,6 +121,7 @@ class Pool:
             else:
                 ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kw)
         self.sandbox = sandbox
+        self.warm = warm  # start each worker's next run ahead (env/warm.py)
         self.run_root = str(run_root or cache_dir() / "runs")
         self._remote = ray.remote(max_retries=3, retry_exceptions=False)(_run)
 
@@ -117,7 +144,8 @@ class Pool:
         if carried:
             spec = replace(spec, env=spec.env + carried)
         res = spec.target.resources
-        return self._remote.options(num_cpus=res.cpus, num_gpus=res.gpus).remote(spec, self.sandbox, self.run_root)
+        options = self._remote.options(num_cpus=res.cpus, num_gpus=res.gpus)
+        return options.remote(spec, self.sandbox, self.run_root, self.warm)
 
     def wait(self, refs: list[ray.ObjectRef], timeout: float | None = None) -> list[ray.ObjectRef]:
         if not refs:

@@ -5,10 +5,13 @@ leaves nothing behind (see the class docstring; env/cgroup.py, env/namespaces.py
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import os
+import queue
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +25,7 @@ from env.namespaces import RUN_UID, bwrap_argv, chown_for_run, namespace_support
 from env.proctree import ProcessTree, private_mb
 from env.sandbox import Limits, LineCallback, SandboxOutcome, SandboxRequest
 from env.volume import Volume, Workspaces, volume_support
+from env.warm import BoundVolume, Slot, new_folder, python_script, slot_key, stub_source
 
 SCRATCH_DIRNAME = ".sandbox"  # inside the workdir: home/ and tmp/ of the run
 # Safety switches for NCCL/torch on machines where NVLink multicast misbehaves: the operator sets
@@ -33,6 +37,7 @@ SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/s
 MAX_LINE_BYTES = 1 << 20  # a line longer than this reaches on_line in pieces
 DRAIN_S = 0.5  # after the leader exited and the rest was killed: how long to read what is left
 SETUP_ATTEMPTS = 3  # launches of a run whose namespaces could not be built (see `run`)
+WARM_READY_S = 120.0  # how long a run waits for its warm slot's start-up before it starts cold
 
 
 def sandbox_env(request: SandboxRequest, home: str, tmp: str) -> dict[str, str]:
@@ -259,10 +264,25 @@ class ProcessSandbox:
 
     name = "process"
 
-    def __init__(self, grace_s: float = 2.0, interval_s: float = 0.1):
+    def __init__(self, grace_s: float = 2.0, interval_s: float = 0.1, warm: bool = False):
         self.grace_s = grace_s
         self.interval_s = interval_s
         self.workspaces = _workspaces()
+        # warm: keep one slot started ahead for the next `request.warm` run (env/warm.py). Slots are
+        # started by one long-lived thread: bwrap dies with the thread that started it.
+        self.warm = warm
+        self._slot: Slot | None = None
+        self._slot_lock = threading.Lock()
+        self._spawns: queue.SimpleQueue | None = None
+        if warm:
+            atexit.register(self.close)
+
+    def close(self) -> None:
+        """Discard the warm slot, if one waits."""
+        with self._slot_lock:
+            slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.discard()
 
     def release(self, workdir: Path, keep: bool = False) -> None:
         self.workspaces.release(workdir, keep)
@@ -270,6 +290,12 @@ class ProcessSandbox:
     def _prepare(self, request: SandboxRequest, isolated: bool) -> tuple[Path, Volume | None]:
         workdir = Path(request.workdir).resolve()
         volume = self.workspaces.mount(workdir, request.limits.disk_mb) if request.limits.disk_mb > 0 else None
+        self._ready_folder(request, workdir, isolated)
+        return workdir, volume
+
+    @staticmethod
+    def _ready_folder(request: SandboxRequest, workdir: Path, isolated: bool) -> None:
+        """Scratch HOME and TMPDIR, the compile caches, and a workspace the run may add files to."""
         scratch = workdir / SCRATCH_DIRNAME
         (scratch / "home").mkdir(parents=True, exist_ok=True)
         (scratch / "tmp").mkdir(parents=True, exist_ok=True)
@@ -280,13 +306,20 @@ class ProcessSandbox:
             open_for_run(workdir)
             if request.cache_dir is not None and Path(request.cache_dir).stat().st_uid != RUN_UID:
                 chown_for_run(Path(request.cache_dir))
-        return workdir, volume
 
     def run(self, request: SandboxRequest, on_line: LineCallback | None = None,
             cancel: threading.Event | None = None) -> SandboxOutcome:
         t0 = time.monotonic()
         namespaces = namespace_support()
         isolated = not namespaces.startswith("none")
+        script = python_script(request.command) if self.warm and request.warm else None
+        if script is not None:
+            slot = self._take_slot(request, script[0], isolated)
+            if slot is not None:
+                outcome = self._run_warm(slot, request, script[1], on_line, cancel)
+                outcome.containment["namespaces"] = namespaces
+                outcome.wall_s = time.monotonic() - t0
+                return outcome
         workdir, volume = self._prepare(request, isolated)
         scratch = workdir / SCRATCH_DIRNAME
         env = sandbox_env(request, str(scratch / "home"), str(scratch / "tmp"))
@@ -301,6 +334,109 @@ class ProcessSandbox:
         outcome.containment = {"cgroup": outcome.containment["cgroup"], "namespaces": namespaces,
                                "disk": volume.kind if volume is not None else "none (disk_mb = 0)"}
         outcome.wall_s = time.monotonic() - t0
+        return outcome
+
+    def _take_slot(self, request: SandboxRequest, interpreter: str, isolated: bool) -> Slot | None:
+        """The waiting slot if it fits `request` (else it is discarded); a new one is started for the
+        run after this one either way."""
+        key = slot_key(request, interpreter, isolated)
+        with self._slot_lock:
+            slot, self._slot = self._slot, None
+        if slot is not None and (slot.key != key or not slot.wait_ready(WARM_READY_S)):
+            slot.discard()
+            slot = None
+        if self._spawns is None:
+            self._spawns = queue.SimpleQueue()
+            threading.Thread(target=self._spawner, name="sandbox-warm", daemon=True).start()
+        self._spawns.put((request, key, interpreter, isolated))
+        return slot
+
+    def _spawner(self) -> None:
+        assert self._spawns is not None
+        while True:
+            request, key, interpreter, isolated = self._spawns.get()
+            try:
+                slot = self._start_slot(request, key, interpreter, isolated)
+            except Exception:  # no slot: the next run starts cold
+                continue
+            with self._slot_lock:
+                old, self._slot = self._slot, slot
+            if old is not None:
+                old.discard()
+            self._read_token(slot)
+
+    def _start_slot(self, request: SandboxRequest, key: tuple, interpreter: str, isolated: bool) -> Slot:
+        """A sandbox like the one `request` would get, at a folder of its own, around the stub."""
+        limits = request.limits
+        folder = new_folder(Path(request.workdir).resolve().parent.parent)
+        volume = Volume(folder, limits.disk_mb) if limits.disk_mb > 0 else None
+        if volume is None or not volume.mounted:
+            if volume is not None:
+                volume.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise OSError("warm slots need the workspace volume")
+        try:
+            self._ready_folder(request, folder, isolated)
+            scratch = folder / SCRATCH_DIRNAME
+            env = sandbox_env(request, str(scratch / "home"), str(scratch / "tmp"))
+            cgroup = RunCgroup(f"{os.getpid()}-{next(_names)}-{uuid.uuid4().hex[:6]}", limits.memory_mb,
+                               limits.pids)
+        except BaseException:
+            volume.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        token = f"speedsearch-warm-{uuid.uuid4().hex}"
+        shell = f'ulimit -c 0 && ulimit -t {cpu_time_limit_s(limits)} && exec "$1" -c "$2"'
+        inner = ["/bin/sh", "-c", shell, "sandbox", interpreter, stub_source(request.warm_imports, token)]
+        if isolated:
+            gpus = bool(limits.gpu_ids) or bool(request.env.get("CUDA_VISIBLE_DEVICES"))
+            inner = bwrap_argv(folder, request.data, request.cache_dir, tuple(request.hide), inner, gpus)
+        argv = ["/bin/sh", "-c", f'{cgroup.add_pid_command()} && exec "$@"', "enter", *inner]
+        try:
+            proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        except BaseException:
+            cgroup.close()
+            volume.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return Slot(key, proc, cgroup, volume, folder, token.encode(), threading.Event())
+
+    @staticmethod
+    def _read_token(slot: Slot) -> None:
+        """Wait for the stub's token (its start-up done); anything else means it failed."""
+        assert slot.proc.stdout is not None
+        fd, head = slot.proc.stdout.fileno(), b""
+        expected = slot.token + b"\n"
+        deadline = time.monotonic() + WARM_READY_S
+        while len(head) < len(expected) and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if not ready:
+                continue
+            chunk = os.read(fd, len(expected) - len(head))
+            if not chunk:
+                break
+            head += chunk
+        if head != expected:
+            slot.failed = (head.decode(errors="replace").strip() or "no token")[-300:]
+        slot.ready.set()
+
+    def _run_warm(self, slot: Slot, request: SandboxRequest, argv: list[str], on_line: LineCallback | None,
+                  cancel: threading.Event | None) -> SandboxOutcome:
+        """Hand the materialised workdir to the slot and start its run."""
+        workdir = Path(request.workdir).resolve()
+        shutil.copytree(workdir, slot.folder, symlinks=True, dirs_exist_ok=True)  # given files keep their modes
+        if slot.key[-1]:  # isolated: the run (as nobody) may add files anywhere in its workspace
+            open_for_run(slot.folder)
+        bound = BoundVolume(workdir, slot.volume, slot.folder)
+        self.workspaces.adopt(workdir, bound)
+        scratch = slot.folder / SCRATCH_DIRNAME
+        env = sandbox_env(request, str(scratch / "home"), str(scratch / "tmp"))
+        Path(request.log_path).parent.mkdir(parents=True, exist_ok=True)
+        slot.go(argv, env)
+        outcome, _ = self._supervise(slot.proc, request, slot.cgroup, bound, "", on_line, cancel)
+        outcome.containment = {"cgroup": outcome.containment["cgroup"], "disk": bound.kind,
+                               "start": "warm slot"}
         return outcome
 
     def _attempt(self, request: SandboxRequest, workdir: Path, volume: Volume | None, env: dict[str, str],
@@ -320,9 +456,20 @@ class ProcessSandbox:
         # The leader enters the cgroups first, then execs: the run is inside before it can fork.
         argv = ["/bin/sh", "-c", f'{cgroup.add_pid_command()} && exec "$@"', "enter", *inner]
         try:
+            proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        except BaseException:
+            cgroup.close()
+            raise
+        return self._supervise(proc, request, cgroup, volume, token, on_line, cancel)
+
+    def _supervise(self, proc: subprocess.Popen, request: SandboxRequest, cgroup: RunCgroup, volume,
+                   token: str, on_line: LineCallback | None,
+                   cancel: threading.Event | None) -> tuple[SandboxOutcome, bool]:
+        """Read a started run to its end, enforce its limits, kill what it leaves; free its cgroups."""
+        limits = request.limits
+        try:
             with open(request.log_path, "wb") as log:
-                proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
                 watch = _Watch(proc.pid, request, cgroup, volume, cancel, self.grace_s, self.interval_s)
                 watchdog = threading.Thread(target=watch.watch, name=f"sandbox-watch-{proc.pid}", daemon=True)
                 watchdog.start()

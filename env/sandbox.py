@@ -32,6 +32,9 @@ class SandboxRequest:
     data: Path | None = None  # mounted read-only; the command sees it at the same path
     cache_dir: Path | None = None  # persistent compile caches (inductor, Triton) for this worker
     hide: tuple[Path, ...] = ()  # paths the run must not see (e.g. a held-out split beside `data`)
+    # A training run a sandbox may start from a warm slot (env/warm.py), and keep one ready for the next.
+    warm: bool = False
+    warm_imports: tuple[str, ...] = ()  # modules the warm slot imports before it waits (e.g. torch)
 
 
 @dataclass

@@ -10,6 +10,8 @@ tables). Only root can mount; elsewhere `kind` says "none (...)" and the folder 
 from __future__ import annotations
 
 import atexit
+import ctypes
+import ctypes.util
 import functools
 import os
 import re
@@ -21,6 +23,26 @@ import uuid
 from pathlib import Path
 
 FULL_BYTES = 2 << 20  # under this much free space the volume counts as full
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+MS_BIND, MNT_DETACH = 4096, 2
+
+
+def bind_mount(source: Path, target: Path) -> None:
+    """Show the filesystem at `source` also at `target` (a syscall: no mount(8) process to start)."""
+    if _libc.mount(str(source).encode(), str(target).encode(), None, MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"bind mount {source} on {target}: {os.strerror(err)}")
+
+
+def unmount(path: Path) -> None:
+    """Unmount `path`; if it is still busy, detach it now (freed when its last user goes)."""
+    if _libc.umount2(str(path).encode(), 0) == 0:
+        return
+    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {path}: {os.strerror(err)}")
 
 
 def _run(argv: list[str]) -> None:
@@ -84,10 +106,7 @@ class Volume:
 
     def close(self) -> None:
         if self.mounted:
-            try:
-                _run(["umount", str(self.path)])
-            except OSError:
-                _run(["umount", "-l", str(self.path)])  # still busy: detach now, free when last user goes
+            unmount(self.path)
             self.mounted = False
         self.image.unlink(missing_ok=True)
 
@@ -149,17 +168,31 @@ def mounted_under(folder: Path) -> list[Path]:
     return [point for point, _ in _loop_mounts() if point.is_relative_to(folder)]
 
 
+def free_under(folder: Path, wait_s: float = 10.0) -> None:
+    """Unmount the volumes left in `folder` by processes that are gone or going (a pool's workers
+    after its shutdown, their runs cancelled and their warm slots unused): nothing of a run outlives
+    the search. Waits up to `wait_s` for the owners to exit."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while os.geteuid() == 0 and mounted_under(folder) and time.monotonic() < deadline:
+        reap_orphans()
+        time.sleep(0.1)
+
+
 def reap_orphans() -> list[Path]:
     """Unmount the volumes of processes that died without closing them (a worker killed with -9),
     and delete their images; returns the folders freed. Only volumes made by this module (named
     `.<folder>.<pid>-<hex>.img` beside their folder) whose owner no longer exists are touched."""
     freed = []
     for point, image in _loop_mounts():
-        match = re.fullmatch(rf"\.{re.escape(point.name)}\.(\d+)-[0-9a-f]{{8}}\.img", image.name)
-        if match is None or image.parent != point.parent or Path(f"/proc/{match.group(1)}").exists():
+        # Beside its folder, or a warm slot's (env/warm.py) shown at a run's workdir by a bind mount.
+        beside = image.parent == point.parent and image.name.startswith(f".{point.name}.")
+        match = re.fullmatch(r"\..+\.(\d+)-[0-9a-f]{8}\.img", image.name)
+        if match is None or not (beside or image.parent.name == ".warm") or Path(f"/proc/{match.group(1)}").exists():
             continue
         try:
-            _run(["umount", "-l", str(point)])
+            unmount(point)
         except OSError:
             continue
         image.unlink(missing_ok=True)
@@ -188,6 +221,11 @@ class Workspaces:
                 if volume.mounted:
                     self._volumes[workdir] = volume
             return volume
+
+    def adopt(self, workdir: Path, volume) -> None:
+        """Keep a volume mounted by someone else (a warm slot's) for `workdir`, until `release`."""
+        with self._lock:
+            self._volumes[Path(workdir).resolve()] = volume
 
     def release(self, workdir: Path, keep: bool = False) -> None:
         with self._lock:
