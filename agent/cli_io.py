@@ -15,28 +15,60 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from search_space.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="An autonomous search for faster training runs.")
+
+class App(typer.Typer):
+    """The Typer app, whose usage errors (a missing option, `--seed x`) are one line too: Click's
+    own are a boxed usage text. Run as a program (`speedsearch`, `python -m agent`) it exits with
+    2 for a usage error, 130 for Ctrl-C. Typer's CliRunner calls the command itself and keeps
+    Click's format."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if "standalone_mode" in kwargs:
+            return super().__call__(*args, **kwargs)
+        # Typer carries its own copy of Click: its exception classes, not the `click` package's.
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+        as_json = "--json" in sys.argv[1:]
+        try:
+            code = super().__call__(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as e:
+            e.show()
+            code = 2
+        except ClickException as e:
+            try:
+                fail(e.format_message(), as_json, e.exit_code)
+            except typer.Exit as done:
+                code = done.exit_code
+        except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a command's guard
+            console.print("interrupted")
+            code = 130
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = App(add_completion=False, no_args_is_help=True, help="An autonomous search for faster training runs.")
 console = Console(stderr=True)  # progress, messages, errors
 out = Console()  # results
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that mean 'the user asked for something wrong', imported late (they live below)."""
-    from agent.proposers.llm import LLMConfigError
-    from env.data import DataError
-    from runs_db.db import SearchExistsError
-    from runs_db.export import ExportError
-    from runs_db.history import HistoryError
-    from runs_db.study import SchemaError, StudyError
-    from search_space.edits import EditError
-    from search_space.target import TargetError
+# The typed errors of the layers below that mean "the user asked for something wrong", by module.
+# Only modules already imported are looked at: an exception of a module never loaded was never
+# raised, and loading one (the anthropic SDK takes seconds) to print an error would be slow.
+USER_ERRORS = (
+    ("agent.proposers.llm", "LLMConfigError"), ("env.data", "DataError"), ("runs_db.db", "SearchExistsError"),
+    ("runs_db.export", "ExportError"), ("runs_db.history", "HistoryError"), ("runs_db.study", "SchemaError"),
+    ("runs_db.study", "StudyError"), ("search_space.edits", "EditError"), ("search_space.target", "TargetError"),
+)
 
-    return (UserError, TargetError, ExportError, SchemaError, StudyError, SearchExistsError, LLMConfigError,
-            HistoryError, EditError, DataError, FileExistsError, FileNotFoundError, NotADirectoryError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean 'the user asked for something wrong'."""
+    found = [getattr(sys.modules[m], name, None) for m, name in USER_ERRORS if m in sys.modules]
+    return (UserError, FileExistsError, FileNotFoundError, NotADirectoryError,
+            *(e for e in found if isinstance(e, type) and issubclass(e, BaseException)))
 
 
 def fail(message: str, as_json: bool = False, code: int = 2) -> None:
@@ -46,7 +78,7 @@ def fail(message: str, as_json: bool = False, code: int = 2) -> None:
         json.dump({"error": line, "exit_code": code}, sys.stdout)
         sys.stdout.write("\n")
     else:
-        console.print(f"[red]error:[/red] {line}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True, emoji=False)
     raise typer.Exit(code)
 
 

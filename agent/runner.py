@@ -2,42 +2,98 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import time
+import shutil
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from agent.live import Live
 from agent.loop import Search, Summary
+from agent.names import SEARCH_PROPOSERS
+from agent.preflight import check_access, first_line
 from agent.proposal import Proposer
 from agent.settings import SearchSettings
 from env.pool import Pool
 from runs_db.db import RunsDB
+from search_space.errors import UserError
 from search_space.ideas import load_ideas
 from search_space.target import Target, load_target
 from search_space.targets import BUILTINS
 
 
-def open_search(dir: Path, settings: SearchSettings | None) -> tuple[RunsDB, SearchSettings]:
-    """A new search (settings given) or the one saved in `dir` (settings None: --resume)."""
+def open_search(dir: Path, settings: SearchSettings | None,
+                changes: dict[str, Any] | None = None) -> tuple[RunsDB, SearchSettings]:
+    """A new search (settings given) or the one saved in `dir` (settings None: --resume, where
+    `changes` are the options given again, e.g. new budgets; see SearchSettings.with_changes).
+
+    Everything a user can get wrong is checked before the folder is made: the target, the
+    options, the API key, the Docker daemon and the Ray cluster's address (`check_access`).
+    """
     if settings is None:
-        if not (Path(dir) / "search.toml").exists():
-            raise FileNotFoundError(f"{dir} holds no search to resume (no search.toml)")
-        db = RunsDB.open(dir)
-        try:
-            db.check_schema()  # an older search is refused with one line (a ValueError the CLI prints)
-        except ValueError:
-            db.close()
-            raise
-        return db, SearchSettings.from_dict(db.settings)
+        return _resume(Path(dir), changes or {})
     if settings.target not in BUILTINS:  # a path: store it absolute so resume works from anywhere
         settings = SearchSettings.from_dict({**settings.to_dict(), "target": str(Path(settings.target).resolve())})
     target = load_target(settings.target)
     if target.resources.gpus == 0 and "llm" not in settings.proposers and not target.knobs and not target.ideas_file:
-        raise ValueError(f"target {target.name} has no knobs and no ideas: use --proposers llm")
+        raise UserError(f"--proposers {','.join(settings.proposers)}: target {target.name} has no knobs and no "
+                        "ideas; use --proposers llm")
+    check_access(settings)
     db = RunsDB.create(dir, settings.to_dict(), target, storage=settings.storage or None)
     return db, settings
+
+
+def _resume(dir: Path, changes: dict[str, Any]) -> tuple[RunsDB, SearchSettings]:
+    if not (dir / "search.toml").exists():
+        raise UserError(f"--dir {dir}: holds no search to resume (no search.toml)")
+    db = RunsDB.open(dir)
+    try:
+        db.check_schema()  # an older search is refused with one line
+        saved = SearchSettings.from_dict(db.settings)
+        if changes.get("budget_trials"):  # counted from the resume: "--budget-trials 2" is two more trials
+            done = sum(1 for t in db.trials() if t.proposer in SEARCH_PROPOSERS and t.commit != db.base_commit)
+            changes = {**changes, "budget_trials": done + int(changes["budget_trials"])}
+        settings = saved.with_changes(changes)
+        check_access(settings)
+        if settings != saved:  # kept, so that a later plain --resume goes on under the same budgets
+            save_settings(db, settings)
+    except BaseException:
+        db.close()
+        raise
+    return db, settings
+
+
+def save_settings(db: RunsDB, settings: SearchSettings) -> None:
+    """Rewrite search.toml's settings, keeping the runs database's own table; atomic."""
+    from runs_db.db import META_KEY, SETTINGS_FILE, dumps_toml
+
+    path = Path(db.dir) / SETTINGS_FILE
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(dumps_toml({**settings.to_dict(), META_KEY: db.meta}))
+    os.replace(tmp, path)
+    db.settings = {**db.settings, **settings.to_dict()}
+
+
+def discard_new_search(db: RunsDB, existed: bool) -> bool:
+    """Remove a search this process just made when it failed before recording anything (a pool
+    that never started, Ctrl-C during start-up), so the folder does not block the next launch.
+    `existed`: the folder was there before (only what the search made goes). True if removed."""
+    if db.trials():
+        return False
+    folder = Path(db.dir)
+    if db.meta.get("storage"):
+        db.study.delete()
+    db.close()
+    for name in ("search.toml", "study.db", "study.db-wal", "study.db-shm", "study.db-journal", "repo",
+                 "artifacts", "runs", "progress.png"):
+        p = folder / name
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    if not existed:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    return True
 
 
 def build_proposers(settings: SearchSettings, target: Target, db: RunsDB) -> dict[str, Proposer]:
@@ -73,7 +129,14 @@ def run_search(db: RunsDB, settings: SearchSettings, console: Console | None = N
     if console is not None:
         print_header(console, target, settings)
     own_pool = pool is None
-    pool = pool or make_pool(settings, target, db)
+    if pool is None:
+        try:
+            pool = make_pool(settings, target, db)
+        except Exception as e:  # a cluster that answered on its port but is not (or not a healthy) Ray
+            if not settings.ray_address:
+                raise  # the local cluster failing to start is not the user's mistake: keep the traceback
+            raise UserError(f"--ray-address {settings.ray_address}: cannot join the Ray cluster there "
+                            f"({first_line(e)})") from None
     try:
         return Search(db, target, settings, pool, proposers, live=live).run()
     finally:
@@ -85,12 +148,9 @@ def run_search(db: RunsDB, settings: SearchSettings, console: Console | None = N
 def _free_volumes(folder: Path, wait_s: float = 10.0) -> None:
     """Unmount the volumes that runs cancelled at the stop left in `folder`, once their (killed)
     workers are gone: nothing of a run outlives the search."""
-    from env.volume import mounted_under, reap_orphans
+    from env.volume import free_under
 
-    deadline = time.monotonic() + wait_s
-    while os.geteuid() == 0 and mounted_under(folder) and time.monotonic() < deadline:
-        reap_orphans()
-        time.sleep(0.1)
+    free_under(folder, wait_s)
 
 
 def print_header(console: Console, target: Target, settings: SearchSettings) -> None:

@@ -6,9 +6,22 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from agent.names import LADDER
+from search_space.errors import UserError
 from search_space.judge import MAX_PAIRS, MIN_PAIRS
 
-__all__ = ["LADDER", "SearchSettings"]
+__all__ = ["LADDER", "RESUMABLE", "SANDBOXES", "SearchSettings", "option"]
+
+SANDBOXES = ("process", "docker")
+PROPOSERS = ("ideas", "knobs", "llm")
+# What `--resume` may change: how long and how wide the search goes on, never what it measures or
+# how it judges (a new target, sandbox or rule would mix incomparable results in one search).
+RESUMABLE = ("workers", "budget_trials", "budget_minutes", "budget_gpu_hours", "budget_dollars", "drain_minutes",
+             "ray_address", "plots")
+
+
+def option(name: str) -> str:
+    """The command-line option that sets settings field `name`."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -40,18 +53,29 @@ class SearchSettings:
     drain_minutes: float = 4.0
 
     def __post_init__(self) -> None:
+        """Refuse a bad value with one line naming its option (UserError), before anything is made."""
         if self.max_fidelity not in LADDER:
-            raise ValueError(f"max_fidelity {self.max_fidelity!r}: use one of {', '.join(LADDER)}")
-        unknown = set(self.proposers) - {"ideas", "knobs", "llm"}
+            raise UserError(f"--max-fidelity {self.max_fidelity}: use one of {', '.join(LADDER)}")
+        unknown = [p for p in self.proposers if p not in PROPOSERS]
         if unknown or not self.proposers:
-            raise ValueError(f"proposers {','.join(self.proposers)}: choose from ideas, knobs, llm")
-        if self.drain_minutes < 0:
-            raise ValueError(f"drain_minutes {self.drain_minutes}: zero or more")
+            raise UserError(f"--proposers {','.join(self.proposers) or '(none)'}: "
+                            f"{'unknown ' + unknown[0] + '; ' if unknown else ''}choose from {', '.join(PROPOSERS)}")
+        if self.sandbox not in SANDBOXES:
+            raise UserError(f"--sandbox {self.sandbox}: use {' or '.join(SANDBOXES)}")
+        for name in ("workers", "budget_trials", "budget_minutes", "budget_gpu_hours", "budget_dollars",
+                     "drain_minutes"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:  # NaN fails too
+                raise UserError(f"{option(name)} {value}: must be 0 or more"
+                                + (" (0: no limit)" if name.startswith("budget") else ""))
         if not 0 < self.fdr < 1:
-            raise ValueError(f"fdr {self.fdr}: a rate between 0 and 1, e.g. 0.05")
+            raise UserError(f"--fdr {self.fdr}: a rate between 0 and 1, e.g. 0.05")
         if self.seeds < 1 or self.max_seeds < max(self.seeds, MIN_PAIRS):
-            raise ValueError(f"seeds {self.seeds} / max_seeds {self.max_seeds}: need 1 <= seeds <= max_seeds "
-                             f"and max_seeds >= {MIN_PAIRS} (the fewest pairs confirmation judges)")
+            raise UserError(f"--seeds {self.seeds} (max_seeds {self.max_seeds}): need 1 <= seeds <= max_seeds "
+                            f"and max_seeds >= {MIN_PAIRS} (the fewest pairs confirmation judges)")
+        if not self.min_speedup > 0:
+            raise UserError(f"min_speedup {self.min_speedup}: must be positive")
+        self.model_weights()  # refuses a malformed --models
 
     @property
     def ladder(self) -> tuple[str, ...]:
@@ -61,13 +85,31 @@ class SearchSettings:
         out = {}
         for part in self.models.split(","):
             name, _, weight = part.strip().partition(":")
-            out[name] = float(weight) if weight else 1.0
+            try:
+                w = float(weight) if weight else 1.0
+            except ValueError:
+                w = -1.0
+            if not name or not w >= 0:
+                raise UserError(f"--models {self.models}: give model or model:weight,model:weight "
+                                "with weights of 0 or more")
+            out[name] = w
+        if sum(out.values()) <= 0:
+            raise UserError(f"--models {self.models}: the weights must not all be 0")
         return out
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["proposers"] = list(self.proposers)
         return d
+
+    def with_changes(self, changes: dict[str, Any]) -> SearchSettings:
+        """These settings with `changes` (field -> value) for `--resume`: only RESUMABLE fields may
+        change; another that differs is refused with one line."""
+        for name, value in changes.items():
+            if name not in RESUMABLE and value != getattr(self, name):
+                raise UserError(f"{option(name)}: cannot change on --resume (the search has "
+                                f"{getattr(self, name)!r}); start a new --dir to search with {value!r}")
+        return SearchSettings.from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if k in RESUMABLE}})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SearchSettings:

@@ -6,6 +6,7 @@ Loaded from a `target.toml`; every field problem raises `TargetError` naming the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from search_space.errors import UserError
 from search_space.knobs import Knob, parse_knob
 
 OBJECTIVES = ("time_to_target", "steps_to_target", "loss_at_budget")
@@ -30,8 +32,61 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPEEDSEARCH_CACHE", Path.home() / ".cache" / "speedsearch"))
 
 
-class TargetError(ValueError):
+class TargetError(UserError):
     """A target file that cannot be used; the message names the field and why."""
+
+
+# Every key a target.toml may hold, by table ("" is the top level). A key outside these is refused,
+# with the nearest valid name: a misspelt `target_los` silently ignored would change what is searched.
+KEYS: dict[str, tuple[str, ...]] = {
+    "": ("name", "description", "ideas", "repo", "run", "files", "readout", "objective", "fidelities",
+         "resources", "data", "trust", "knobs"),
+    "repo": ("path", "base_ref"),
+    "run": ("command", "env", "passthrough_env", "docker_image"),
+    "files": ("editable", "frozen", "markers"),
+    "readout": ("format", "line_regex", "metrics_file"),
+    "objective": ("kind", "target_loss"),
+    "resources": ("gpus", "cpus", "memory_mb", "timeout_s", "pids", "log_mb", "disk_mb"),
+    "data": ("path", "prepare", "mount"),
+    "knobs": ("name", "type", "low", "high", "log", "step", "choices", "via", "key", "file"),
+    "fidelity": ("steps", "fraction"),
+}
+
+
+def nearest(word: str, names: list[str] | tuple[str, ...]) -> str | None:
+    """The valid name closest to a misspelt one, or None when none is close."""
+    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def check_keys(table: Any, where: str, known: tuple[str, ...] | list[str]) -> None:
+    """Refuse a key `table` does not know, naming it and the nearest valid one (in this table, or
+    the table it probably belongs in)."""
+    if not isinstance(table, dict):
+        return
+    for key in table:
+        if key in known:
+            continue
+        field_name = f"{where}.{key}" if where else key
+        hint = nearest(key, known)
+        if hint:
+            raise TargetError(f"{field_name}: unknown key; did you mean {hint}?")
+        elsewhere = {f"{t}.{k}" if t else k: k for t, ks in KEYS.items() if t != "fidelity" for k in ks}
+        other = nearest(key, list(set(elsewhere.values())))
+        if other:
+            spots = sorted(p for p, k in elsewhere.items() if k == other)
+            raise TargetError(f"{field_name}: unknown key; did you mean {spots[0]}?")
+        raise TargetError(f"{field_name}: unknown key (valid here: {', '.join(known)})")
+
+
+def _check_all_keys(raw: dict) -> None:
+    check_keys(raw, "", KEYS[""])
+    for table in ("repo", "run", "files", "readout", "objective", "resources", "data"):
+        check_keys(raw.get(table), table, KEYS[table])
+    for name, spec in (raw.get("fidelities") or {}).items() if isinstance(raw.get("fidelities"), dict) else ():
+        check_keys(spec, f"fidelities.{name}", KEYS["fidelity"])
+    for i, knob in enumerate(raw.get("knobs") or []) if isinstance(raw.get("knobs"), list) else ():
+        check_keys(knob, f"knobs[{i}]", KEYS["knobs"])
 
 
 @dataclass(frozen=True)
@@ -192,9 +247,7 @@ def _positive(value: float, where: str) -> None:
 def _trust(raw: Any, readout: Readout) -> Trust:
     if not isinstance(raw, dict):
         raise TargetError(f"trust: expected a table, got {type(raw).__name__}")
-    known = set(Trust.__dataclass_fields__)
-    if unknown := sorted(set(raw) - known):
-        raise TargetError(f"trust.{unknown[0]}: unknown key (use {', '.join(sorted(known))})")
+    check_keys(raw, "trust", sorted(Trust.__dataclass_fields__))
     if readout.format != "speedrun":
         raise TargetError("trust: needs readout.format = \"speedrun\" (the clock is observed from log lines)")
     d = Trust.__dataclass_fields__
@@ -229,6 +282,7 @@ def _trust(raw: Any, readout: Readout) -> Trust:
 
 
 def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
+    _check_all_keys(raw)
     name = _get(raw, "name", str, "target")
     repo_raw = _get(raw, "repo", dict, "target", {})
     repo = (root / _get(repo_raw, "path", str, "repo", ".")).resolve()
@@ -336,4 +390,7 @@ def load_target(spec: str | Path) -> Target:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise TargetError(f"{path}: not valid TOML: {e}") from None
-    return parse_target(raw, path.parent.resolve(), source=path.resolve())
+    try:
+        return parse_target(raw, path.parent.resolve(), source=path.resolve())
+    except TargetError as e:  # which file, then which field
+        raise TargetError(f"{path}: {e}") from None
