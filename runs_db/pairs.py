@@ -16,6 +16,7 @@ from search_space import judge
 from search_space.records import RunResult, Status
 from search_space.target import Target
 
+REPLAY = "replay"  # the proposer of `speedsearch replay` trials (agent.names.Who.REPLAY)
 PAIRED_RUNGS = ("confirm",)  # rungs whose trials carry base partners (replay records its trials at confirm)
 
 
@@ -99,3 +100,29 @@ def budget_words(target: Target, fidelity: str) -> str:
     """loss_at_budget's budget in words, e.g. "300 steps"."""
     fid = target.fidelities.get(fidelity)
     return f"{fid.steps} steps" if fid is not None and getattr(fid, "steps", None) else fidelity
+
+
+def replay_pairs(db: RunsDB, commit: str, steps: int | None = None) -> Paired:
+    """The pairs of `commit`'s replays only (proposer "replay"), at `steps` when given: fresh seeds
+    that no rung, confirm included, used to select the candidate. A seed seen twice counts once."""
+    trials = db.trials()
+    partners: dict[int, list[RunResult]] = {}
+    for t in trials:
+        if t.commit == db.base_commit and t.attrs.get("pairs_for") is not None:
+            partners.setdefault(int(t.attrs["pairs_for"]), []).extend(db.runs(t.number))
+    mine = [t for t in trials if t.commit == commit]
+    replays = [t for t in mine if t.proposer == REPLAY and t.number in partners
+               and (steps is None or t.attrs.get("steps", steps) == steps)]
+    selecting = {r.seed for t in mine if t not in replays and t.proposer != REPLAY for r in db.runs(t.number)}
+    out = Paired()
+    for t in replays:
+        p = pair_up(db.runs(t.number), partners[t.number], selecting)
+        for c, b in zip(p.candidate, p.base, strict=True):
+            if c.seed in selecting:
+                out.lost += 1
+                continue
+            selecting.add(c.seed)  # a repeated seed is never counted twice
+            out.candidate.append(c)
+            out.base.append(b)
+        out.lost += p.lost
+    return out
