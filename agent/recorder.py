@@ -2,10 +2,13 @@
 
 One thread runs the database writes (Optuna, artifacts, git notes) in the order they were asked
 for; the loop only waits for them at the end (`flush`). Git commits stay on the loop's thread.
+The same thread keeps the search's candidate view (runs_db.dashboard, what optuna-dashboard
+shows) beside the loop's own study: `attach_view` once, then `record_start` and `record_rung`.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import shutil
 import threading
@@ -15,8 +18,13 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from agent.names import SEARCH_PROPOSERS
+from runs_db import dashboard
 from runs_db.db import RunsDB
 from search_space.records import RunResult
+from search_space.target import Target
+
+log = logging.getLogger(__name__)
 
 
 class Recorder:
@@ -65,6 +73,31 @@ def record_start(db: RunsDB, number: int, commit: str, parent: str, who: str, ti
     if got != number:
         raise RuntimeError(f"the study numbered a new trial {got}, not {number}: is another controller "
                            "writing to this search?")
+    if (view := dashboard.view_of(db)) is not None:
+        _keep(view, view.start, commit, parent, who, title, model)
+
+
+def record_rung(db: RunsDB, number: int, value: float | None, runs: list[RunResult], attrs: dict,
+                state: str) -> None:
+    """End a candidate's rung in the study, then tell its view (the verdict, when `attrs` holds one)."""
+    db.finish_trial(number, value, runs, attrs, state)
+    if (view := dashboard.view_of(db)) is not None:
+        _keep(view, lambda: view.rung_ended(db.trial(number)))
+
+
+def attach_view(db: RunsDB, target: Target) -> None:
+    """From now on the writes above keep `db`'s candidate view (`<study>-candidates`)."""
+    dashboard.attach(db, target.knobs, target.objective, SEARCH_PROPOSERS)
+
+
+def _keep(view: dashboard.CandidateView, fn: Callable[..., Any], *args: Any) -> None:
+    """The view is derived from the study: a failed write is logged and repaired by the next
+    write's catch-up (`sync`), never allowed to stop the search."""
+    try:
+        fn(*args)
+    except Exception as e:
+        view.dirty = True
+        log.warning("candidate view %s: %s: %s (caught up at the next write)", view.name, type(e).__name__, e)
 
 
 def record_run(db: RunsDB, number: int, result: RunResult, log_text: str) -> None:

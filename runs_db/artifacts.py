@@ -3,6 +3,10 @@
     seed-<s>-<fidelity>.log    the run's full log (a copy; the run folder is temporary)
     seed-<s>-<fidelity>.json   RunResult.to_dict(), its `log` pointing at the copy above
     loss-<fidelity>.png        the trial's loss curves against the baseline's
+
+and per candidate that reached `full`, under D/artifacts/candidates/:
+
+    <commit12>.png             its full and confirm runs, one line per seed, against the base's band
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ class Artifacts:
 
     def plot_path(self, number: int, fidelity: str) -> Path:
         return self.trial_dir(number) / f"loss-{fidelity or 'run'}.png"
+
+    def candidate_plot_path(self, commit: str) -> Path:
+        """A candidate's own plot (all its full-length runs), named by commit: the review page,
+        `show` and the dashboard view find it from the commit alone."""
+        return self.root / "candidates" / f"{commit[:12]}.png"
 
     def has_run(self, number: int, result: RunResult) -> bool:
         return self.run_stem(number, result.seed, result.fidelity).with_suffix(".json").is_file()

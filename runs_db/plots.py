@@ -25,37 +25,62 @@ def _points(result: RunResult) -> tuple[list[float], list[float], list[float]]:
 
 def plot_loss_curves(candidate: Sequence[RunResult], baseline: Sequence[RunResult], path: Path,
                      title: str = "", target_loss: float | None = None) -> Path | None:
-    """Validation loss against step and against training time, one line per seed.
+    """Validation loss against step and against training time: the candidate one line per seed,
+    the base as its band (mean line, min to max shaded) so seeds of both are told apart at a glance.
 
     Returns the PNG's path, or None when no run has a curve to draw.
     """
-    # The baseline first, so the candidate's lines are drawn on top.
-    groups = [(baseline, BASELINE_COLOR, "baseline"), (candidate, CANDIDATE_COLOR, "candidate")]
-    if not any(r.curve for runs, _, _ in groups for r in runs):
+    band = baseline_band(baseline)
+    if not band and not any(r.curve for r in candidate):
         return None
     fig = Figure(figsize=(11, 4.2), dpi=100)
     FigureCanvasAgg(fig)
     by_step, by_time = fig.subplots(1, 2)
-    for runs, color, label in groups:
-        for i, r in enumerate(runs):
-            steps, secs, losses = _points(r)
-            if not losses:
-                continue
-            kw = {"color": color, "alpha": 0.8 if label == "candidate" else 0.55, "linewidth": 1.2,
-                  "label": f"{label} ({len(runs)} seed{'s' if len(runs) != 1 else ''})" if i == 0 else None}
-            by_step.plot(steps, losses, **kw)
-            by_time.plot(secs, losses, **kw)
+    if band:  # drawn first, so the candidate's lines lie on top
+        steps, secs, mean, low, high = (list(x) for x in zip(*band, strict=True))
+        n = sum(1 for r in baseline if _points(r)[2])
+        label = f"base: mean of {n} run{'s' if n != 1 else ''}, min to max shaded"
+        for ax, xs in ((by_step, steps), (by_time, secs)):
+            ax.fill_between(xs, low, high, color=BASELINE_COLOR, alpha=0.3, linewidth=0)
+            ax.plot(xs, mean, color=BASELINE_COLOR, linewidth=1.4, label=label)
+    seeds = [r for r in candidate if _points(r)[2]]
+    for i, r in enumerate(seeds):
+        steps, secs, losses = _points(r)
+        kw = {"color": CANDIDATE_COLOR, "alpha": 0.8, "linewidth": 1.2,
+              "label": f"candidate ({len(seeds)} seed{'s' if len(seeds) != 1 else ''})" if i == 0 else None}
+        by_step.plot(steps, losses, **kw)
+        by_time.plot(secs, losses, **kw)
     for ax, xlabel in ((by_step, "step"), (by_time, "training time (s)")):
         if target_loss is not None and math.isfinite(target_loss):
             ax.axhline(target_loss, color="black", linestyle="--", linewidth=0.8, label="target")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("val loss")
         ax.grid(alpha=0.3)
-        _zoom(ax, [r for runs, _, _ in groups for r in runs], target_loss)
+        _zoom(ax, [*candidate, *baseline], target_loss)
     by_step.legend(loc="upper right", fontsize=8)
     if title:
         fig.suptitle(title[:120], fontsize=10)
     return _save(fig, path)
+
+
+def baseline_band(runs: Sequence[RunResult]) -> list[tuple[int, float, float, float, float]]:
+    """The base's curve over seeds: (step, mean seconds, mean loss, min loss, max loss) at each
+    step that at least half of the runs logged (runs of one fidelity log the same steps; a run
+    stopped early must not make the band's end a single seed)."""
+    by_step: dict[int, list[tuple[float, float]]] = {}
+    curves = [r for r in runs if _points(r)[2]]
+    for r in curves:
+        for p in r.curve:
+            if math.isfinite(p.val_loss):
+                by_step.setdefault(p.step, []).append((p.train_ms / 1000.0, p.val_loss))
+    need = max(1, (len(curves) + 1) // 2)
+    out = []
+    for step in sorted(by_step):
+        pts = by_step[step]
+        if len(pts) >= need:
+            losses = [loss for _, loss in pts]
+            out.append((step, sum(s for s, _ in pts) / len(pts), sum(losses) / len(losses), min(losses), max(losses)))
+    return out
 
 
 def _zoom(ax, runs: Sequence[RunResult], target_loss: float | None) -> None:

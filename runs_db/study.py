@@ -1,7 +1,9 @@
 """Study: the Optuna side of the runs database, one trial per candidate evaluation.
 
 Only plain JSON goes into user attrs (no NaN, no objects) so `optuna-dashboard` opens the
-storage as is. The study minimises: the objective is a time, a step count or a loss.
+storage as is. The study minimises: the objective is a time, a step count or a loss. What a
+person reads in optuna-dashboard is the view beside it, one trial per candidate
+(`<study>-candidates`, runs_db.dashboard); this study is what the loop resumes from.
 """
 
 from __future__ import annotations

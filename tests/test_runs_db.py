@@ -364,3 +364,18 @@ def test_missing_postgres_says_to_install_it(monkeypatch):
     monkeypatch.setattr(pg, "find_bin", lambda: None)
     with pytest.raises(pg.PgUnavailable, match="install postgresql"):
         pg.PgServer()
+
+
+def test_plot_draws_the_base_as_a_band(tmp_path):
+    """The base is one band (mean, min to max) made of the steps at least half its runs logged."""
+    from runs_db.plots import baseline_band, plot_loss_curves
+
+    base = [run_result(0, 3.40, 1000), run_result(1, 3.50, 1200), run_result(2, 3.45, 1100, status=Status.PRUNED)]
+    band = baseline_band(base)
+    assert [b[0] for b in band] == [0, 2, 4, 6, 8, 10]  # the pruned run's 2 points do not end it early
+    step, secs, mean, low, high = band[-1]
+    assert (low, high) == (3.40, 3.50) and mean == pytest.approx(3.45) and secs == pytest.approx(1.1)
+    assert band[0][2] == pytest.approx((5.40 + 5.50 + 5.45) / 3)  # step 0: all three runs
+    png = plot_loss_curves([run_result(5, 3.3, 900)], base, tmp_path / "p.png", title="t", target_loss=3.5)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_loss_curves([], [], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
