@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from agent.proposal import Attempt, Proposal, ProposalContext
 from runs_db.db import RunsDB
+from runs_db.reviews import prompt_notes
 from search_space.edits import Edit, EditError, apply_edits
 from search_space.knobs import KNOBS_FILE, knob_changes
 from search_space.rules import RuleViolation, check_change, matches
@@ -50,6 +51,7 @@ class Candidates:
         self.cache_size = cache_size
         self.records: list[Record] = []
         self.seen: dict[str, str] = {}  # normalised key -> commit
+        self.rejected: set[str] = set()  # commits a reviewer rejected: never a parent (agent/review/desk.py)
         for commit, *_ in [(db.base_commit,), *db.candidates()]:
             self.seen.setdefault(normalised_key(self.files(commit)), commit)
 
@@ -89,6 +91,8 @@ class Candidates:
 
         Its normalised content is reserved, so a twin proposed before it runs is rejected too.
         """
+        if proposal.parent in self.rejected:  # asked for before the reviewer's reject arrived
+            return None, f"its parent {proposal.parent[:8]} was rejected by a reviewer"
         try:
             changes = self.changes(proposal.parent, list(proposal.edits), proposal.knobs)
         except (EditError, RuleViolation) as e:
@@ -128,7 +132,7 @@ class Candidates:
             best=[attempt(r) for r in list(best.values())[:MAX_BEST]],
             failures=[attempt(r) for r in failures],
             tried=list(dict.fromkeys(r.title for r in self.records)),
-            notes=list(self.db.get_state("notes", [])),
+            notes=list(self.db.get_state("notes", [])) + prompt_notes(self.db),  # the review page's
             baseline=baseline_line,
             check=lambda edits: self._apply(files, edits),  # proposer threads: no cache access
         )

@@ -248,7 +248,8 @@ class RunsDB:
         if parent:
             parent = parent if _SHA.fullmatch(parent) else self.history.resolve(parent)
         else:
-            parent = None if commit == self.history.base_commit else self.history.parent(commit)
+            # self.base_commit reads search.toml: the recorder's thread must not touch GitPython
+            parent = None if commit == self.base_commit else self.history.parent(commit)
         core = {"commit": commit, "parent": parent, "proposer": proposer, "model": model,
                 "title": title, "fidelity": fidelity, "controller": self._owner}
         number = self.study.ask({**(attrs or {}), **core}, params, distributions)
