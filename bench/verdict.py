@@ -16,13 +16,16 @@ speed-up and the verdict are the project's own: `judge.run_objective`, `judge.de
 `judge.OnlineFDR`, `judge.choose_target_loss`; confirmation runs pairs up to the next scheduled
 look (`judge.next_look`) and then asks `decide`.
 
-Noise sources (bench/results/):
-- tinygpt on this 2-core machine, side by side: `tinygpt_cpu_pair<k>_{a,b}_s*.log`, train.py
-  --preset cpu --steps 300 (OMP_NUM_THREADS=1), the two runs of pair k started together, pairs
-  one after another, while other helpers loaded the machine (load average 7 to 80: real drift);
-- the same, one after the other: `tinygpt_cpu_full_s*.json`, `speedsearch evaluate --target
-  tinygpt --seed N --fidelity full --json`, seeds run one after another;
-- tinygpt-gpu on one H100: `tinygpt_gpu_full_s*.log`, train.py --preset gpu, 1000 steps;
+Noise sources (bench/results/), every CPU curve measured through the trusted evaluator (the
+held-out loss recomputed by the target's frozen model server, the time observed by the sandbox:
+what the search itself judges), recorded by `bash bench/record_cpu_trusted.sh`:
+- tinygpt on this 2-core machine, side by side: `tinygpt-cpu-trusted-pairs-<date>.jsonl`, pair k
+  = two `speedsearch evaluate --target tinygpt --fidelity full --seed S --json` started together
+  (as the loop runs a confirm pair on two workers), pairs one after another, while other sessions
+  loaded the machine (real drift);
+- the same, one after the other: `tinygpt-cpu-trusted-consecutive-<date>.jsonl`, seeds 0, 1, ...;
+- tinygpt-gpu on one H100: `tinygpt-gpu-trusted-<date>.jsonl` when it exists (the same format, see
+  `read_runs`), else the older `tinygpt_gpu_full_s*.log` (train.py's own claimed curve, 1000 steps);
 - the speedrun's noise on the H100 curve's shape: the H100 residuals rescaled to a final-loss sd
   of 0.0014 and a time sd of 0.6 s on 179 s (0.34%), as measured on the NanoGPT speedrun.
 """
@@ -113,32 +116,72 @@ def load(name: str, curves: list[list[tuple[int, float, float]]], side_by_side: 
                  "side-by-side" if side_by_side else "consecutive")
 
 
-def _pair(path: Path) -> int:
-    return int(re.search(r"_pair(\d+)_", path.name).group(1))
-
-
 def _seed(path: Path) -> int:
     return int(re.search(r"_s(\d+)\.", path.name).group(1))
 
 
+def read_runs(path: Path) -> list[dict]:
+    """The runs of a `*-trusted-*.jsonl` recording, in the order they were made.
+
+    One JSON object per line, a `RunResult.to_dict()` as `speedsearch evaluate --json` prints it;
+    lines starting with '#' are the header (date, machine, command). Used: `status` "ok",
+    `trust` "trusted", `curve` [[step, val_loss, train_ms], ...] (non-empty); optional `pair`
+    (an int: the lines sharing it ran side by side). Other lines are left out, and counted.
+    """
+    out, skipped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        d = json.loads(line)
+        if d.get("status") == "ok" and d.get("trust") == "trusted" and d.get("curve"):
+            out.append(d)
+        else:
+            skipped += 1
+    if skipped:
+        print(f"{path.name}: {skipped} run(s) left out (not ok, or not trusted)")
+    return out
+
+
+def _curve(d: dict) -> list[tuple[int, float, float]]:
+    return [(int(s), float(v), float(t)) for s, v, t in d["curve"]]
+
+
+def latest(pattern: str) -> Path | None:
+    found = sorted(RESULTS.glob(pattern))  # the date in the name: the last is the newest
+    return found[-1] if found else None
+
+
+def pair_curves(runs: list[dict]) -> list[list[tuple[int, float, float]]]:
+    """Curves of whole pairs (both runs ok and trusted), pair by pair: 2k and 2k+1 ran together."""
+    by_pair: dict[int, list[dict]] = {}
+    for d in runs:
+        by_pair.setdefault(int(d["pair"]), []).append(d)
+    return [_curve(d) for k in sorted(by_pair) if len(by_pair[k]) == 2 for d in by_pair[k]]
+
+
 def recorded() -> dict[str, Noise]:
-    cpu = []
-    for p in sorted(RESULTS.glob("tinygpt_cpu_full_s*.json"), key=_seed):  # seed order = time order
-        d = json.loads(p.read_text())
-        if d["status"] == "ok" and d["curve"]:
-            cpu.append([(int(s), float(v), float(t)) for s, v, t in d["curve"]])
-    gpu = []
-    for p in sorted(RESULTS.glob("tinygpt_gpu_full_s*.log"), key=_seed):
-        pts = [(int(s), float(v), float(t)) for s, v, t in LOG_LINE.findall(p.read_text())]
-        if pts:
-            gpu.append(pts)
-    side = []
-    for p in sorted(RESULTS.glob("tinygpt_cpu_pair*_*.log"), key=lambda p: (_pair(p), p.name)):
-        pts = [(int(s), float(v), float(t)) for s, v, t in LOG_LINE.findall(p.read_text())]
-        side.append(pts)
-    out = {"tinygpt CPU, pairs side by side": load("tinygpt CPU, pairs side by side", side, side_by_side=True),
-           "tinygpt CPU, pairs one after the other": load("tinygpt CPU, pairs one after the other", cpu),
-           "tinygpt H100": load("tinygpt H100", gpu)}
+    out: dict[str, Noise] = {}
+    side = latest("tinygpt-cpu-trusted-pairs-*.jsonl")
+    if side:
+        name = "tinygpt CPU, pairs side by side"
+        out[name] = load(name, pair_curves(read_runs(side)), side_by_side=True)
+    cons = latest("tinygpt-cpu-trusted-consecutive-*.jsonl")
+    if cons:
+        name = "tinygpt CPU, pairs one after the other"
+        out[name] = load(name, [_curve(d) for d in read_runs(cons)])
+    gpu_file = latest("tinygpt-gpu-trusted-*.jsonl")
+    if gpu_file:  # the coordinator's H100 runs through the trusted evaluator
+        runs = read_runs(gpu_file)
+        paired = bool(runs) and all("pair" in d for d in runs)
+        gpu = pair_curves(runs) if paired else [_curve(d) for d in runs]
+        out["tinygpt H100"] = load(f"tinygpt H100, trusted ({gpu_file.name})", gpu, side_by_side=paired)
+    else:  # older: train.py's own (claimed) curves
+        gpu = []
+        for p in sorted(RESULTS.glob("tinygpt_gpu_full_s*.log"), key=_seed):
+            pts = [(int(s), float(v), float(t)) for s, v, t in LOG_LINE.findall(p.read_text())]
+            if pts:
+                gpu.append(pts)
+        out["tinygpt H100"] = load("tinygpt H100 (claimed curves, logs)", gpu)
     out["speedrun noise"] = out["tinygpt H100"].scaled("speedrun noise", 0.0014, 0.6 / 179)
     return out
 
@@ -269,9 +312,12 @@ def main() -> None:
     for name, gain, check in scenarios:
         if args.only and args.only not in name:
             continue
+        if name not in noises:
+            print(f"no recording for {name!r} in {RESULTS}: skipped (bash bench/record_cpu_trusted.sh)")
+            continue
         if rows:
             rows.append(None)
-        rows.append([f"[bold]{name}[/]", "", "", "", noises[name].describe()])
+        rows.append([f"[bold]{noises[name].name}[/]", "", "", "", noises[name].describe()])
         rows += run_scenario(noises[name], gain, args, random.Random(args.seed), check)
     print_table("confirmation rule: A/A and power through search_space.judge",
                 ["measure", "figure", "goal", "", "detail"], rows,
