@@ -21,8 +21,9 @@ from agent.meter import Meter, Summary
 from agent.names import LADDER, Rung, Verdict, Who, rung_index
 from agent.policy import STATE_KEY, Node, Policy
 from agent.proposal import Proposer
-from agent.recorder import Recorder, record_run, record_start
+from agent.recorder import Recorder, attach_view, record_run, record_rung, record_start
 from agent.resume import FDR_KEY, INTERRUPTED, Restored, restore, rewards
+from agent.review.desk import Desk
 from agent.settings import SearchSettings
 from agent.trial import BASE, CANDIDATE, Trial, rejected
 from env.evaluate import RunSpec
@@ -62,6 +63,7 @@ class Search:
         self.meter = Meter()
         self.started = time.time()
         self.recorder = Recorder()
+        attach_view(db, target)  # optuna-dashboard's view: one trial per candidate
         self.next_number = 0  # Optuna numbers trials 0, 1, 2, ... in the order this loop starts them
         self.ahead = Ahead(self.policy, proposers, self.candidates, self.live, max(2, min(8, self.capacity + 1)))
 
@@ -198,6 +200,8 @@ class Search:
             if t.add_run(role, seed, result):
                 if t.is_baseline:
                     self._finish_baseline(t)
+                elif t.who == Who.REPLAY:  # an approved candidate's replay (agent/review/desk.py)
+                    self.desk.finish(t)
                 elif t.rung == Rung.CONFIRM:
                     self._finish_confirm(t)
                 else:
@@ -285,7 +289,7 @@ class Search:
         rung = t.rung
         if step.rung is None:
             self._end(t, step.verdict, attrs)
-        self.recorder.call(self.db.finish_trial, number, value, runs, attrs, state)
+        self.recorder.call(record_rung, self.db, number, value, runs, attrs, state)
         self.candidates.record(Record(t.commit, t.parent, t.title, t.who, rung, t.status, value,
                                       attrs["speedup"], t.reason))
         loss = runs[-1].final.val_loss if runs and runs[-1].final else None
@@ -315,7 +319,8 @@ class Search:
             self.summary.rejected += 1
 
     def _nodes(self) -> list[Node]:
-        return [Node(c, t.scores[t.highest], rung_index(t.highest)) for c, t in self.trials.items() if t.highest]
+        return [Node(c, t.scores[t.highest], rung_index(t.highest)) for c, t in self.trials.items() if t.highest
+                and c not in self.candidates.rejected]  # a reviewer's reject: never a parent
 
     # --- budgets
     def _budget_hit(self) -> str:
@@ -336,8 +341,13 @@ class Search:
         within `drain_minutes` (nothing new starts: `_dispatch` strands new trials at the budget)."""
         over_s = time.time() - self.started - self.settings.budget_minutes * 60
         under_way = [*self.open.values(), *(t for *_, t in self.queue)]
-        confirming = {t.commit for t in under_way if t.rung == Rung.CONFIRM and not t.is_baseline}
+        # started ones only: a candidate queued for confirm but not started never starts now (stranded)
+        confirming = {t.commit for t in under_way if t.rung == Rung.CONFIRM and not t.is_baseline
+                      and t.number is not None}
         if not confirming or over_s >= self.settings.drain_minutes * 60:
+            if confirming:  # say so: they end INTERRUPTED, and a --resume runs them again
+                self.live.note(f"minutes budget reached: {len(confirming)} confirmation(s) under way cut off "
+                               f"(drain {self.settings.drain_minutes:g} min); --resume finishes them")
             return False
         if not self.drain_noted:
             self.drain_noted = True
@@ -384,12 +394,14 @@ class Search:
     def run(self) -> Summary:
         self.db.check_schema()
         self.resume(restore(self.db, self.baseline_fidelities(), self.first_batch))
+        self.desk = Desk(self)  # the folder's writer: applies the review page's requests, replays approvals
         try:
             with self.live:
                 while True:
                     t_iter = time.perf_counter()
                     self._collect_runs(timeout=0.02 if self.ahead.futures else 0.2)
                     self._dispatch()  # refill freed workers before anything slower
+                    self.desk.tick()  # before proposing: a reject made a second ago already counts
                     self._propose()
                     self._collect_proposals()
                     self._dispatch()
@@ -426,6 +438,7 @@ class Search:
         self.inflight.clear()
         self.open.clear()
         self.ahead.stop()
+        self.desk.close()
         self.recorder.call(self.db.set_state, STATE_KEY, self.policy.state())
         try:
             self.recorder.flush()

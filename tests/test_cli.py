@@ -50,6 +50,9 @@ def test_usage_errors_exit_nonzero(tmp_path: Path):
 def test_targets_lists_builtins():
     out = cli("targets")
     assert out.returncode == 0 and "tinygpt" in out.stdout and "tinygpt-gpu" in out.stdout
+    data = json.loads(cli("targets", "--json").stdout)
+    names = {t["name"]: t for t in data["targets"]}
+    assert {"tinygpt", "tinygpt-gpu", "tinygpt-ddp"} <= set(names) and names["tinygpt"]["full_steps"] > 0
 
 
 def launch_toy(tmp_path: Path, *args: str) -> tuple[Path, subprocess.CompletedProcess]:
@@ -62,8 +65,10 @@ def launch_toy(tmp_path: Path, *args: str) -> tuple[Path, subprocess.CompletedPr
 
 
 def test_launch_then_status_json(tmp_path: Path):
-    d, out = launch_toy(tmp_path, "--budget-trials", "6", "--max-fidelity", "short")
-    assert "stopped:" in out.stdout
+    d, out = launch_toy(tmp_path, "--budget-trials", "6", "--max-fidelity", "short", "--json")
+    launched = json.loads(out.stdout)  # --json: stdout is one object, the live display went to stderr
+    assert launched["summary"]["stopped_by"] == "trials" and launched["summary"]["trials"] == 6
+    assert launched["status"]["dir"] == str(d.resolve())
     status = cli("status", "--dir", str(d), "--json")
     data = json.loads(status.stdout)
     for key in ("study", "storage", "baseline", "best", "trials"):
@@ -92,8 +97,10 @@ def test_replay_and_export(tmp_path: Path):
               "--allow-untrusted")  # the toy target has no trusted evaluator
     out = cli(*export)
     assert out.returncode == 0, out.stdout + out.stderr
-    record = next((tmp_path / "x" / "records").glob("*_DoubleRate"))
-    assert (record / "README.md").exists() and (record / "pr.md").exists()
+    # the toy target is a plain folder: export made it a git repository, the record is on a branch
+    folder = subprocess.run(["git", "-C", str(tmp_path / "toy"), "ls-tree", "-r", "--name-only", "record/DoubleRate",
+                             "records/"], capture_output=True, text=True).stdout
+    assert "_DoubleRate/README.md" in folder and "_DoubleRate/pr.md" in folder
     again = cli(*export)  # the record exists already: refused, nothing overwritten
     assert again.returncode == 2 and "error" in again.stderr
 
