@@ -432,8 +432,15 @@ class Search:
             for number in (t.number, t.base_number if t.rung == Rung.CONFIRM else None):
                 if number is not None:
                     self.recorder.call(self.db.mark_failed, number, INTERRUPTED)
-        for t in [t for *_, t in self.queue] + self.stranded:  # their proposers hear now, so none is left
-            if t.proposal is not None and not t.ended:  # waiting (a resume runs them on, learners rebuild)
+        waiting = {id(t): t for t in [t for *_, t in self.queue] + self.stranded}
+        running = {id(t): t for t in self.open.values()}
+        for key, t in {**running, **waiting}.items():  # their proposers hear now, so none is left waiting
+            if t.proposal is None or t.ended:  # (a resume runs them on, learners rebuild)
+                continue
+            if t.who == Who.KNOBS and t.highest and t.scores.get(t.highest) is not None:
+                # the sampler is told once: the score at the highest rung measured so far, not a FAIL
+                self._proposer(t.who).tell(t.proposal, t.outcome(final=True))
+            elif key in waiting:
                 self._proposer(t.who).tell(t.proposal, rejected(t.proposal, "the search stopped first"))
         self.inflight.clear()
         self.open.clear()
