@@ -129,7 +129,8 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         limits=Limits(timeout_s=target.resources.timeout_s, memory_mb=target.resources.memory_mb,
                       cpus=target.resources.cpus, gpu_ids=spec.gpu_ids, pids=target.resources.pids,
                       log_mb=target.resources.log_mb, disk_mb=target.resources.disk_mb),
-        data=data, cache_dir=cache_dir, hide=hidden_paths(target), warm=True)
+        data=data, cache_dir=cache_dir, hide=hidden_paths(target), warm=True,
+        warm_imports=target.warm_imports)
     evaluator = None if trust is None else Evaluator(
         trust, sandbox, lambda dest: _materialise(spec, dest), run_dir, request.env, request.limits, request.hide,
         keep_workdir)

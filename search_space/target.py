@@ -42,7 +42,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "": ("name", "description", "ideas", "repo", "run", "files", "readout", "objective", "fidelities",
          "resources", "data", "trust", "knobs"),
     "repo": ("path", "base_ref"),
-    "run": ("command", "env", "passthrough_env", "docker_image"),
+    "run": ("command", "env", "passthrough_env", "docker_image", "warm_imports"),
     "files": ("editable", "frozen", "markers"),
     "readout": ("format", "line_regex", "metrics_file"),
     "objective": ("kind", "target_loss"),
@@ -171,6 +171,9 @@ class Target:
     resources: Resources
     env: dict[str, str] = field(default_factory=dict)
     passthrough_env: tuple[str, ...] = ()
+    # Modules a warm slot (env/warm.py) imports before its run is known, e.g. torch: never GPU or
+    # thread-pool set-up, only what `import` does.
+    warm_imports: tuple[str, ...] = ()
     data_path: Path | None = None  # read-only data folder, `{data}` in the command
     data_prepare: str | None = None  # command that writes the data folder when it is missing
     data_mount: str | None = None  # the subfolder of data_path a run sees as `{data}` (None: all of it)
@@ -365,6 +368,7 @@ def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
         resources=resources,
         env=dict(env),
         passthrough_env=_str_list(run, "passthrough_env", "run", ()),
+        warm_imports=_str_list(run, "warm_imports", "run", ()),
         data_path=(root / data_path.replace("{cache}", str(cache_dir()))).resolve() if data_path else None,
         data_prepare=_get(data, "prepare", str, "data", None),
         data_mount=mount,

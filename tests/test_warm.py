@@ -25,7 +25,8 @@ PROBE = textwrap.dedent('''
     tmp = sorted(os.listdir(os.environ.get("TMPDIR", "/tmp")))
     print(json.dumps({"argv": sys.argv, "foo": os.environ.get("FOO"), "stdin": sys.stdin.read(),
                       "leftovers": leftovers, "home": home, "tmp": tmp, "pid": os.getpid(),
-                      "uid": os.getuid(), "main": __name__, "file": os.path.basename(__file__)}), flush=True)
+                      "uid": os.getuid(), "main": __name__, "file": os.path.basename(__file__),
+                      "preloaded": "xml.dom.minidom" in sys.modules}), flush=True)
     for where in (".", os.environ["HOME"], os.environ.get("TMPDIR", "/tmp")):
         open(os.path.join(where, "left-" + sys.argv[1]), "w").write("x")
     if sys.argv[2] == "daemon":
@@ -41,12 +42,12 @@ PROBE = textwrap.dedent('''
 
 
 def _request(root: Path, name: str, args: str, env: dict | None = None, timeout_s: float = 30,
-             command: str | None = None) -> SandboxRequest:
+             command: str | None = None, imports: tuple[str, ...] = ()) -> SandboxRequest:
     work = root / "runs" / name / "work"
     work.mkdir(parents=True)
     (work / "probe.py").write_text(PROBE)
     return SandboxRequest(command or f"python3 probe.py {args}", work, root / "runs" / name / "run.log",
-                          env=env or {}, limits=Limits(timeout_s=timeout_s), warm=True)
+                          env=env or {}, limits=Limits(timeout_s=timeout_s), warm=True, warm_imports=imports)
 
 
 def _run(box: ProcessSandbox, req: SandboxRequest):
@@ -156,3 +157,11 @@ def test_a_worker_killed_with_its_slot_waiting_leaves_nothing(tmp_path):
     assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     free_under(tmp_path)
     assert not mounted_under(tmp_path)
+
+
+def test_warm_imports_are_done_before_the_run(box, tmp_path):
+    """A target's `warm_imports` (torch for tinygpt) are imported by the slot, not by the run."""
+    _, cold = _run(box, _request(tmp_path, "a", "1 plain 0", imports=("xml.dom.minidom",)))
+    out, warm = _run(box, _request(tmp_path, "b", "2 plain 0", imports=("xml.dom.minidom",)))
+    assert out.containment.get("start") == "warm slot"
+    assert not cold["preloaded"] and warm["preloaded"]
