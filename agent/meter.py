@@ -16,6 +16,7 @@ class Summary:
     best_speedup: float = 0.0
     best_text: str = ""  # its speed-up in the one wording (Speedup.text())
     best_rung: str = ""
+    best_kind: str = ""  # the objective's kind of best_speedup (loss_at_budget: a difference, lower is better)
     confirmed: list[tuple[str, str, str]] = field(default_factory=list)  # (commit, title, speed-up words)
     rejected: int = 0  # candidates the confirmation rejected
     guarantee: str = ""  # the error rate the search guarantees for its confirmations
@@ -26,9 +27,14 @@ class Summary:
     def confirm(self, t) -> bool:
         """Count a confirmed candidate (an agent.trial.Trial); True when it is the new best."""
         self.confirmed.append((t.commit, t.title, t.speedup_text))
-        est = (t.speedup or {}).get("estimate", 0.0)
-        if self.best_commit is not None and est <= self.best_speedup:
+        sp = t.speedup or {}
+        est = sp.get("estimate", 0.0)
+        # Better is a larger ratio, or a larger loss reduction (a more negative difference) for loss_at_budget.
+        gain = -est if sp.get("kind") == "loss_at_budget" else est
+        best = -self.best_speedup if self.best_kind == "loss_at_budget" else self.best_speedup
+        if self.best_commit is not None and gain <= best:
             return False
+        self.best_kind = sp.get("kind", "")
         self.best_commit, self.best_title, self.best_speedup, self.best_text = t.commit, t.title, est, t.speedup_text
         self.best_rung = "confirm"
         return True
