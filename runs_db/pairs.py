@@ -64,13 +64,19 @@ def pair_up(candidate: list[RunResult], base: list[RunResult], exclude_seeds: se
     return out
 
 
-def paired_runs(db: RunsDB, commit: str) -> Paired:
-    """Every pair recorded for `commit` (confirm and replay trials), the selecting seeds left out."""
-    trials = db.trials()
+def _partners(db: RunsDB, trials) -> dict[int, list[RunResult]]:
+    """The base's paired runs, by the number of the candidate trial they were paired with."""
     partners: dict[int, list[RunResult]] = {}
     for t in trials:
         if t.commit == db.base_commit and t.attrs.get("pairs_for") is not None:
             partners.setdefault(int(t.attrs["pairs_for"]), []).extend(db.runs(t.number))
+    return partners
+
+
+def paired_runs(db: RunsDB, commit: str) -> Paired:
+    """Every pair recorded for `commit` (confirm and replay trials), the selecting seeds left out."""
+    trials = db.trials()
+    partners = _partners(db, trials)
     mine = [t for t in trials if t.commit == commit]
     selecting = {r.seed for t in mine if t.fidelity not in PAIRED_RUNGS for r in db.runs(t.number)}
     out = Paired()
@@ -106,10 +112,7 @@ def replay_pairs(db: RunsDB, commit: str, steps: int | None = None) -> Paired:
     """The pairs of `commit`'s replays only (proposer "replay"), at `steps` when given: fresh seeds
     that no rung, confirm included, used to select the candidate. A seed seen twice counts once."""
     trials = db.trials()
-    partners: dict[int, list[RunResult]] = {}
-    for t in trials:
-        if t.commit == db.base_commit and t.attrs.get("pairs_for") is not None:
-            partners.setdefault(int(t.attrs["pairs_for"]), []).extend(db.runs(t.number))
+    partners = _partners(db, trials)
     mine = [t for t in trials if t.commit == commit]
     replays = [t for t in mine if t.proposer == REPLAY and t.number in partners
                and (steps is None or t.attrs.get("steps", steps) == steps)]

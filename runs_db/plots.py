@@ -13,6 +13,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from runs_db.curves import baseline_band
 from search_space.records import RunResult
 
 CANDIDATE_COLOR, BASELINE_COLOR = "tab:red", "tab:gray"
@@ -61,26 +62,6 @@ def plot_loss_curves(candidate: Sequence[RunResult], baseline: Sequence[RunResul
     if title:
         fig.suptitle(title[:120], fontsize=10)
     return _save(fig, path)
-
-
-def baseline_band(runs: Sequence[RunResult]) -> list[tuple[int, float, float, float, float]]:
-    """The base's curve over seeds: (step, mean seconds, mean loss, min loss, max loss) at each
-    step that at least half of the runs logged (runs of one fidelity log the same steps; a run
-    stopped early must not make the band's end a single seed)."""
-    by_step: dict[int, list[tuple[float, float]]] = {}
-    curves = [r for r in runs if _points(r)[2]]
-    for r in curves:
-        for p in r.curve:
-            if math.isfinite(p.val_loss):
-                by_step.setdefault(p.step, []).append((p.train_ms / 1000.0, p.val_loss))
-    need = max(1, (len(curves) + 1) // 2)
-    out = []
-    for step in sorted(by_step):
-        pts = by_step[step]
-        if len(pts) >= need:
-            losses = [loss for _, loss in pts]
-            out.append((step, sum(s for s, _ in pts) / len(pts), sum(losses) / len(losses), min(losses), max(losses)))
-    return out
 
 
 def _zoom(ax, runs: Sequence[RunResult], target_loss: float | None) -> None:

@@ -368,7 +368,8 @@ def test_missing_postgres_says_to_install_it(monkeypatch):
 
 def test_plot_draws_the_base_as_a_band(tmp_path):
     """The base is one band (mean, min to max) made of the steps at least half its runs logged."""
-    from runs_db.plots import baseline_band, plot_loss_curves
+    from runs_db.curves import baseline_band
+    from runs_db.plots import plot_loss_curves
 
     base = [run_result(0, 3.40, 1000), run_result(1, 3.50, 1200), run_result(2, 3.45, 1100, status=Status.PRUNED)]
     band = baseline_band(base)

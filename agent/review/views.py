@@ -12,6 +12,7 @@ from typing import Any
 from agent.names import Rung, Who
 from agent.report import speedup_words
 from agent.review import diffview
+from runs_db.curves import baseline_band
 from runs_db.db import RunsDB
 from runs_db.pairs import paired_runs
 from runs_db.reviews import queued, reviews
@@ -43,23 +44,10 @@ def table(db: RunsDB) -> dict[str, Any]:
 
 
 def band(runs: list[RunResult]) -> list[dict[str, float]]:
-    """The base's runs as a band: at each step logged by at least half of them, the mean, min and
-    max loss and the mean training time."""
-    curves = [r.curve for r in runs if r.curve]
-    by_step: dict[int, list[tuple[float, float]]] = {}
-    for curve in curves:
-        for p in curve:
-            if math.isfinite(p.val_loss):
-                by_step.setdefault(p.step, []).append((p.val_loss, p.train_ms))
-    need = max(1, (len(curves) + 1) // 2)
-    out = []
-    for step in sorted(by_step):
-        pts = by_step[step]
-        if len(pts) >= need:
-            losses = [x for x, _ in pts]
-            out.append({"step": step, "mean": sum(losses) / len(losses), "low": min(losses), "high": max(losses),
-                        "ms": sum(ms for _, ms in pts) / len(pts)})
-    return out
+    """The base's runs as a band (runs_db.curves.baseline_band): per step, the mean, min and max loss
+    and the mean training time in ms."""
+    return [{"step": step, "mean": mean, "low": low, "high": high, "ms": seconds * 1000.0}
+            for step, seconds, mean, low, high in baseline_band(runs)]
 
 
 def _series(r: RunResult, rung: str, number: int) -> dict[str, Any]:
