@@ -426,8 +426,7 @@ class Search:
         return self.summary
 
     def _stop(self) -> None:
-        for ref in list(self.inflight):
-            self.pool.cancel(ref)
+        self.pool.stop(list(self.inflight))
         for t in {id(t): t for t in self.open.values()}.values():  # resumed later from where they stood
             for number in (t.number, t.base_number if t.rung == Rung.CONFIRM else None):
                 if number is not None:

@@ -8,6 +8,7 @@ does not pay for compilation again.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import functools
 import os
@@ -68,8 +69,38 @@ def _cache_slot(node: str) -> Path:
 _held: list[int] = []
 
 
-def _run(spec: RunSpec, sandbox_name: str, run_root: str, warm: bool = True) -> Finished:
+@ray.remote(num_cpus=0, max_concurrency=100_000)
+class _StopBoard:
+    """Where the controller says which runs to end. Each run's task awaits its own key; `stop`
+    wakes the named ones, `release` the run's own when it ends by itself (no waiter is left)."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, asyncio.Event] = {}
+
+    def _event(self, key: str) -> asyncio.Event:
+        return self.events.setdefault(key, asyncio.Event())
+
+    async def wait(self, key: str) -> None:
+        await self._event(key).wait()
+        self.events.pop(key, None)
+
+    async def stop(self, keys: list[str]) -> None:
+        for key in keys:
+            self._event(key).set()
+
+    async def release(self, key: str) -> None:
+        self._event(key).set()
+
+
+def _stopped(ref: ray.ObjectRef | None) -> bool:
+    """The controller asked this run to end, or its board is gone (the controller died)."""
+    return ref is not None and bool(ray.wait([ref], timeout=0)[0])
+
+
+def _run(spec: RunSpec, sandbox_name: str, run_root: str, warm: bool = True, board: Any = None,
+         key: str = "") -> Finished:
     started = time.time()
+    stop = board.wait.remote(key) if board is not None else None
     ctx = ray.get_runtime_context()
     gpu_ids = tuple(str(g) for g in ctx.get_accelerator_ids().get("GPU", []))
     spec = replace(spec, gpu_ids=gpu_ids or spec.gpu_ids)
@@ -92,10 +123,16 @@ def _run(spec: RunSpec, sandbox_name: str, run_root: str, warm: bool = True) -> 
     try:
         while thread.is_alive():
             thread.join(0.1)
+            if thread.is_alive() and _stopped(stop):
+                cancel.set()  # the sandbox kills every process of the run, then evaluate returns
+                thread.join(60)
     except BaseException:
-        cancel.set()  # the sandbox kills every process of the run, then evaluate returns
+        cancel.set()
         thread.join(60)
         raise
+    finally:
+        if board is not None:
+            board.release.remote(key)
     if "error" in box:
         raise box["error"]
     result = box["result"]
@@ -124,6 +161,9 @@ class Pool:
         self.warm = warm  # start each worker's next run ahead (env/warm.py)
         self.run_root = str(run_root or cache_dir() / "runs")
         self._remote = ray.remote(max_retries=3, retry_exceptions=False)(_run)
+        self._board: Any = None  # made with the first run: an actor costs a worker process
+        self._keys: dict[ray.ObjectRef, str] = {}
+        self._submitted = 0
 
     def warm_up(self, n: int, cpus: int = 1, gpus: int = 0) -> None:
         """Start `n` worker processes now (Ray starts them lazily, a second or more each), so the
@@ -145,7 +185,13 @@ class Pool:
             spec = replace(spec, env=spec.env + carried)
         res = spec.target.resources
         options = self._remote.options(num_cpus=res.cpus, num_gpus=res.gpus)
-        return options.remote(spec, self.sandbox, self.run_root, self.warm)
+        if self._board is None:
+            self._board = _StopBoard.remote()
+        self._submitted += 1
+        key = f"{self._submitted}-{spec.run_id}"
+        ref = options.remote(spec, self.sandbox, self.run_root, self.warm, self._board, key)
+        self._keys[ref] = key
+        return ref
 
     def wait(self, refs: list[ray.ObjectRef], timeout: float | None = None) -> list[ray.ObjectRef]:
         if not refs:
@@ -156,13 +202,26 @@ class Pool:
             done += more
         return done
 
-    @staticmethod
-    def get(ref: ray.ObjectRef) -> Finished:
+    def get(self, ref: ray.ObjectRef) -> Finished:
+        self._keys.pop(ref, None)
         return ray.get(ref)
 
-    @staticmethod
-    def cancel(ref: ray.ObjectRef) -> None:
-        ray.cancel(ref, force=False)
+    def stop(self, refs: list[ray.ObjectRef], timeout: float = 60.0) -> None:
+        """End these runs and wait for their tasks: each sandbox kills its run, frees its volume,
+        and the task returns. Said through the board, not `ray.cancel`: a cancel that crosses the
+        task's own reply aborts the controller (Ray's check "Tried to complete task that was not
+        pending"). A task still there after `timeout` has its worker killed."""
+        keys = [self._keys.pop(r) for r in refs if r in self._keys]
+        if keys:
+            ray.get(self._board.stop.remote(keys))
+        if refs and timeout > 0:
+            _, left = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+            for ref in left:
+                ray.cancel(ref, force=True)
+
+    def cancel(self, ref: ray.ObjectRef) -> None:
+        """End one run, without waiting for its task."""
+        self.stop([ref], timeout=0)
 
     def run(self, spec: RunSpec) -> Finished:
         return ray.get(self.submit(spec))
