@@ -174,7 +174,8 @@ class Search:
         for seed in t.batch:  # confirm interleaves: candidate, then the base, with the same seed
             for role, commit in ((CANDIDATE, t.commit), (BASE, self.db.base_commit))[: 2 if paired else 1]:
                 spec = RunSpec(self.target, seed=seed, fidelity=fid, repo=self.db.repo_path, commit=commit,
-                               band=band, run_id=f"t{t.number}-{role[0]}-s{seed}-{commit[:8]}")
+                               band=band, run_id=f"t{t.number}-{role[0]}-s{seed}-{commit[:8]}",
+                               fills_cache=commit == self.db.base_commit)
                 self.inflight[self.pool.submit(spec)] = (t, role, seed)
         return t.number
 

@@ -18,12 +18,14 @@ import time
 import uuid
 from pathlib import Path
 
+from env.cache_layer import mount_reader
 from env.docker_attach import AttachStream, LineSink
 from env.docker_image import RUNNER_GID, RUNNER_UID, ensure_image, host_mounts
 from env.docker_kill import REMOVE_CALL_S, ContainerCgroups, Leader, call_with_deadline, stop_container
+from env.namespaces import CACHE_LAYERS
 from env.process_sandbox import MAX_LINE_BYTES, cpu_time_limit_s, sandbox_env
 from env.sandbox import LineCallback, SandboxOutcome, SandboxRequest
-from env.volume import Workspaces
+from env.volume import Workspaces, unmount_nested
 
 LABEL = "speedsearch"
 RUN_ID_LABEL = "speedsearch.run_id"
@@ -59,6 +61,8 @@ def reap(client=None, older_than_s: float = 3600.0, labels: dict[str, str] | Non
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
     """Give the tree to the container's user (when we are root and it is not), so it can write there."""
     for dirpath, dirnames, filenames in os.walk(root):
+        # not into a compile-cache overlay (env/cache_layer.py): the shared layer below stays as it is
+        dirnames[:] = [d for d in dirnames if d != CACHE_LAYERS and not os.path.ismount(os.path.join(dirpath, d))]
         for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
             st = os.lstat(name)
             if st.st_uid != uid or st.st_gid != gid:
@@ -172,6 +176,7 @@ class DockerSandbox:
 
     def release(self, workdir: Path, keep: bool = False) -> None:
         """Unmount the workdir's volume (its files stay on the host's disk when `keep`)."""
+        unmount_nested(Path(workdir))  # a cache overlay in a workspace without a volume of its own
         if self._workspaces is not None:
             self._workspaces.release(workdir, keep=keep)
 
@@ -196,13 +201,17 @@ class DockerSandbox:
         if request.data is not None:  # the data folder given, nothing beside it (a held-out split)
             data = str(Path(request.data).resolve())
             volumes[data] = {"bind": data, "mode": "ro"}
-        if request.cache_dir is not None:
+        if request.cache_dir is not None and request.cache_write:
             Path(request.cache_dir).mkdir(parents=True, exist_ok=True)
             cache = str(Path(request.cache_dir).resolve())
             volumes[cache] = {"bind": cache, "mode": "rw"}
         volumes[workdir] = {"bind": workdir, "mode": "rw"}
         volumes, hidden_dirs, hidden_files = hide_overlays(volumes, tuple(request.hide))
         env = {**sandbox_env(request, home="/tmp", tmp="/tmp"), "USER": "runner", "LOGNAME": "runner"}
+        if request.cache_dir is not None and not request.cache_write:  # its own overlay, in its workdir
+            owner = (RUNNER_UID, RUNNER_GID) if os.getuid() == 0 else None
+            cache, _ = mount_reader(Path(request.cache_dir).resolve(), Path(workdir) / ".sandbox", owner)
+            env.update(TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
         env.update(request.env)  # request.env wins, also over USER/LOGNAME
         cpu_s = cpu_time_limit_s(limits)
         config = dict(

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from env.cache_layer import shared_cache
 from env.data import DataError, ensure_data, hidden_paths
 from env.provenance import provenance
 from env.readout import CurveReader
@@ -42,6 +43,7 @@ class RunSpec:
     gpu_ids: tuple[str, ...] = ()
     run_id: str = ""
     env: tuple[tuple[str, str], ...] = ()  # extra environment (e.g. the controller's NCCL safety settings)
+    fills_cache: bool = False  # a run of the base: it may write the shared compile cache (env/cache_layer.py)
 
 
 def make_sandbox(name: str, target: Target | None = None, image: str | None = None, warm: bool = False) -> Sandbox:
@@ -129,7 +131,9 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         limits=Limits(timeout_s=target.resources.timeout_s, memory_mb=target.resources.memory_mb,
                       cpus=target.resources.cpus, gpu_ids=spec.gpu_ids, pids=target.resources.pids,
                       log_mb=target.resources.log_mb, disk_mb=target.resources.disk_mb),
-        data=data, cache_dir=cache_dir, hide=hidden_paths(target), warm=True,
+        data=data, cache_dir=cache_dir if cache_dir is not None else shared_cache(),
+        cache_write=spec.fills_cache or (spec.commit is None and spec.patch is None), hide=hidden_paths(target),
+        warm=True,
         warm_imports=target.warm_imports)
     evaluator = None if trust is None else Evaluator(
         trust, sandbox, lambda dest: _materialise(spec, dest), run_dir, request.env, request.limits, request.hide,

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 RUN_UID = RUN_GID = 65534
+CACHE_LAYERS = "cache-layers"  # a run's overlay upper and work folders, in its scratch
 
 
 def _tool(name: str) -> str:
@@ -172,8 +173,10 @@ def open_for_run(workdir: Path) -> None:
     it was given (the frozen code among them: frozen paths are enforced at run time, not only checked
     as text before it): every folder becomes world-writable and sticky, like /tmp, and the given
     files stay the caller's, read-only to the run."""
-    for root, _, _ in os.walk(workdir):
+    for root, dirs, _ in os.walk(workdir):
         os.chmod(root, 0o1777)
+        # not into a compile-cache overlay (env/cache_layer.py): the shared layer below stays as it is
+        dirs[:] = [d for d in dirs if d != CACHE_LAYERS and not os.path.ismount(os.path.join(root, d))]
 
 
 def chown_for_run(path: Path) -> None:

@@ -2,14 +2,14 @@
 
 A local `ray.init()` by default, an address for a cluster, logical GPUs in tests. A dead node
 retries the run (Ray's task retries); a failing trainer does not (evaluate returns, never raises).
-Each worker process keeps its compile caches in one folder, so a candidate that keeps the graph
-does not pay for compilation again.
+Compile caches are the machine's (env/cache_layer.py): filled by the base's runs, read by the
+candidates' through an overlay, so a candidate that keeps the graph does not pay for compilation
+again and none can plant a kernel for another run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import functools
 import os
 import threading
@@ -42,31 +42,6 @@ def _sandbox(name: str, image: str, warm: bool = True):
     """One sandbox per worker process and kind (a Docker client and image check cost ~50 ms); a
     process sandbox keeps the next run's start-up done ahead (env/warm.py)."""
     return make_sandbox(name, image=image, warm=warm)
-
-
-@functools.cache
-def _cache_slot(node: str) -> Path:
-    """This worker process's compile-cache folder: the first of the node's `w<k>` folders no other
-    live process holds (a lock held for the process's life). One writer at a time per folder, kept
-    from one search to the next, and the same whichever GPU Ray hands the process: a warm slot
-    (env/warm.py) binds its cache folder before it knows the GPU."""
-    root = cache_dir() / "compile"
-    root.mkdir(parents=True, exist_ok=True)
-    for k in range(4096):
-        fd = os.open(root / f"{node}-w{k}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue
-        _held.append(fd)  # never closed: the lock goes with the process
-        folder = root / f"{node}-w{k}"
-        folder.mkdir(exist_ok=True)
-        return folder
-    raise RuntimeError(f"no free compile-cache slot under {root}")
-
-
-_held: list[int] = []
 
 
 @ray.remote(num_cpus=0, max_concurrency=100_000)
@@ -105,14 +80,13 @@ def _run(spec: RunSpec, sandbox_name: str, run_root: str, warm: bool = True, boa
     gpu_ids = tuple(str(g) for g in ctx.get_accelerator_ids().get("GPU", []))
     spec = replace(spec, gpu_ids=gpu_ids or spec.gpu_ids)
     slot = "gpu" + "-".join(gpu_ids) if gpu_ids else f"cpu-{os.getpid()}"
-    cache = _cache_slot(ctx.get_node_id()[:12])
     cancel = threading.Event()
     box: dict[str, Any] = {}
 
     def work() -> None:
         try:
             box["result"] = evaluate(spec, _sandbox(sandbox_name, spec.target.docker_image, warm), Path(run_root),
-                                     cancel=cancel, cache_dir=cache)
+                                     cancel=cancel)
         except BaseException as e:  # handed to the task's thread below
             box["error"] = e
 

@@ -20,11 +20,12 @@ import time
 import uuid
 from pathlib import Path
 
+from env.cache_layer import mount_reader
 from env.cgroup import RunCgroup, cgroup_support, reap_orphans
-from env.namespaces import RUN_UID, bwrap_argv, chown_for_run, namespace_support, open_for_run
+from env.namespaces import RUN_GID, RUN_UID, bwrap_argv, chown_for_run, namespace_support, open_for_run
 from env.proctree import ProcessTree, private_mb
 from env.sandbox import Limits, LineCallback, SandboxOutcome, SandboxRequest
-from env.volume import Volume, Workspaces, volume_support
+from env.volume import Volume, Workspaces, unmount_nested, volume_support
 from env.warm import BoundVolume, Slot, new_folder, python_script, slot_key, stub_source
 
 SCRATCH_DIRNAME = ".sandbox"  # inside the workdir: home/ and tmp/ of the run
@@ -68,12 +69,27 @@ def sandbox_env(request: SandboxRequest, home: str, tmp: str) -> dict[str, str]:
         "CUDA_VISIBLE_DEVICES": ",".join(limits.gpu_ids),
         "PYTHONUNBUFFERED": "1",
     }
-    if request.cache_dir is not None:
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(request.cache_dir) / "inductor")
-        env["TRITON_CACHE_DIR"] = str(Path(request.cache_dir) / "triton")
+    cache = run_cache(request, Path(home).parent)
+    if cache is not None:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
+        env["TRITON_CACHE_DIR"] = str(cache / "triton")
     env.update({k: os.environ[k] for k in PASSTHROUGH_VARS if k in os.environ})
     env.update(request.env)
     return env
+
+
+def run_cache(request: SandboxRequest, scratch: Path) -> Path | None:
+    """The compile-cache folder the run sees: the shared one for a run that fills it, else its own
+    overlay of it in the workspace's scratch (env/cache_layer.py; mounted by `_ready_folder`)."""
+    if request.cache_dir is None:
+        return None
+    return Path(request.cache_dir) if request.cache_write else scratch / "cache"
+
+
+def _bound_cache(request: SandboxRequest) -> Path | None:
+    """What bwrap binds writable besides the workspace: only a filling run's shared cache (a reader's
+    overlay lies inside its workspace, and the shared folder stays out of its sight)."""
+    return request.cache_dir if request.cache_write else None
 
 
 def cpu_time_limit_s(limits: Limits) -> int:
@@ -285,6 +301,7 @@ class ProcessSandbox:
             slot.discard()
 
     def release(self, workdir: Path, keep: bool = False) -> None:
+        unmount_nested(Path(workdir))  # a cache overlay in a workspace without a volume of its own
         self.workspaces.release(workdir, keep)
 
     def _prepare(self, request: SandboxRequest, isolated: bool) -> tuple[Path, Volume | None]:
@@ -302,10 +319,13 @@ class ProcessSandbox:
         if request.cache_dir is not None:
             for sub in ("", "inductor", "triton"):
                 (Path(request.cache_dir) / sub).mkdir(parents=True, exist_ok=True)
+        # the run's uid owns the shared folder (a reader's overlay too: its merged folders keep the owners)
+        if isolated and request.cache_dir is not None and Path(request.cache_dir).stat().st_uid != RUN_UID:
+            chown_for_run(Path(request.cache_dir))
+        if request.cache_dir is not None and not request.cache_write:
+            mount_reader(Path(request.cache_dir), scratch, (RUN_UID, RUN_GID) if isolated else None)
         if isolated:
             open_for_run(workdir)
-            if request.cache_dir is not None and Path(request.cache_dir).stat().st_uid != RUN_UID:
-                chown_for_run(Path(request.cache_dir))
 
     def run(self, request: SandboxRequest, on_line: LineCallback | None = None,
             cancel: threading.Event | None = None) -> SandboxOutcome:
@@ -390,7 +410,7 @@ class ProcessSandbox:
         inner = ["/bin/sh", "-c", shell, "sandbox", interpreter, stub_source(request.warm_imports, token)]
         if isolated:
             gpus = bool(limits.gpu_ids) or bool(request.env.get("CUDA_VISIBLE_DEVICES"))
-            inner = bwrap_argv(folder, request.data, request.cache_dir, tuple(request.hide), inner, gpus)
+            inner = bwrap_argv(folder, request.data, _bound_cache(request), tuple(request.hide), inner, gpus)
         argv = ["/bin/sh", "-c", f'{cgroup.add_pid_command()} && exec "$@"', "enter", *inner]
         try:
             proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -452,7 +472,7 @@ class ProcessSandbox:
         inner = ["/bin/sh", "-c", f"echo {token} && {shell}" if token else shell, "sandbox", request.command]
         if isolated:
             gpus = bool(limits.gpu_ids) or bool(request.env.get("CUDA_VISIBLE_DEVICES"))
-            inner = bwrap_argv(workdir, request.data, request.cache_dir, tuple(request.hide), inner, gpus)
+            inner = bwrap_argv(workdir, request.data, _bound_cache(request), tuple(request.hide), inner, gpus)
         # The leader enters the cgroups first, then execs: the run is inside before it can fork.
         argv = ["/bin/sh", "-c", f'{cgroup.add_pid_command()} && exec "$@"', "enter", *inner]
         try:

@@ -30,7 +30,8 @@ class SandboxRequest:
     env: dict[str, str] = field(default_factory=dict)  # added to the sandbox's allow-listed environment
     limits: Limits = field(default_factory=Limits)
     data: Path | None = None  # mounted read-only; the command sees it at the same path
-    cache_dir: Path | None = None  # persistent compile caches (inductor, Triton) for this worker
+    cache_dir: Path | None = None  # persistent compile caches (inductor, Triton): env/cache_layer.py
+    cache_write: bool = True  # False: the run reads cache_dir through an overlay of its own, never writes it
     hide: tuple[Path, ...] = ()  # paths the run must not see (e.g. a held-out split beside `data`)
     # A training run a sandbox may start from a warm slot (env/warm.py), and keep one ready for the next.
     warm: bool = False

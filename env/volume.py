@@ -45,6 +45,23 @@ def unmount(path: Path) -> None:
         raise OSError(err, f"umount {path}: {os.strerror(err)}")
 
 
+def unmount_nested(folder: Path) -> None:
+    """Unmount every mount strictly inside `folder` (a run's compile-cache overlay, env/cache_layer.py),
+    deepest first, so the folder's own volume can go after it."""
+    folder = Path(folder).resolve()
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return
+    points = [Path(f[4].replace("\\040", " ")) for f in (line.split() for line in lines) if len(f) > 4]
+    for point in sorted((p for p in points if p != folder and p.is_relative_to(folder)),
+                        key=lambda p: len(p.parts), reverse=True):
+        try:
+            unmount(point)
+        except OSError:
+            pass
+
+
 def _run(argv: list[str]) -> None:
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -106,6 +123,7 @@ class Volume:
 
     def close(self) -> None:
         if self.mounted:
+            unmount_nested(self.path)
             unmount(self.path)
             self.mounted = False
         self.image.unlink(missing_ok=True)
