@@ -28,6 +28,7 @@ from agent.settings import SearchSettings
 from agent.trial import BASE, CANDIDATE, Trial, rejected
 from env.evaluate import RunSpec
 from env.pool import Pool
+from runs_db import dashboard
 from runs_db.db import RunsDB
 from search_space import judge
 from search_space.records import RunResult, Status
@@ -451,3 +452,4 @@ class Search:
             self.recorder.flush()
         finally:
             self.recorder.close()
+            dashboard.finish(self.db)  # the candidates' plots still being drawn

@@ -21,7 +21,8 @@ steps_to_target); minimize loss_at_budget's difference candidate - base.
 
 Derived data: the first write of a process brings the view up to the loop's study (`sync`), so a
 search made before the view existed, or one that crashed between the two writes, catches up on
-resume. A candidate that reached `full` also gets its plot (runs_db.plots) when it ends.
+resume. A candidate that reached `full` also gets its plot (runs_db.plots) when it ends, drawn in
+a child process during a search (runs_db/plot_queue.py).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from runs_db.plot_queue import FULL_LENGTH, PlotQueue, draw
 from runs_db.study import TrialRecord, jsonable
 from search_space.knobs import KNOBS_FILE, Knob, read_constant
-from search_space.records import RunResult
 
 if TYPE_CHECKING:
     from runs_db.db import RunsDB
@@ -53,13 +54,10 @@ log = logging.getLogger(__name__)
 
 SUFFIX = "-candidates"
 STEPS = {"short": 1, "full": 2, "confirm": 3}  # the rungs that measure a speed-up, as intermediate steps
-FULL_LENGTH = ("full", "confirm")  # rungs whose runs go all the steps: the candidate's plot
 BROKEN = ("failed", "timeout", "invalid")  # a run status that ends the candidate's view trial as FAIL
 PASS = "pass"  # agent.names.Verdict.PASS (runs_db never imports agent)
-BASELINE = "baseline"  # runs_db.db.BASELINE, the proposer of the base's own trials
 MINIMIZED = ("loss_at_budget",)  # objectives whose speed-up is a difference, lower is better
 CORE = ("commit", "parent", "proposer", "model", "title")
-BAND_RUNS = 16  # the base's latest runs at full that make a plot's band: its recent state, bounded cost
 
 
 def view_name(study_name: str) -> str:
@@ -87,6 +85,7 @@ class CandidateView:
         self._study_id: int | None = None
         self._trials: dict[str, tuple[int, bool]] = {}  # commit -> (view trial id, finished)
         self.dirty = True  # sync before the next write (set again when a write failed)
+        self.plots: PlotQueue | None = None  # drawn here, or by a child process (runs_db/plot_queue.py)
 
     @property
     def direction(self) -> StudyDirection:
@@ -198,9 +197,13 @@ class CandidateView:
             out["speedup"] = rec.attrs["speedup_text"]
         if rec.attrs.get("verdict") != PASS and rec.reason:
             out["reason"] = rec.reason[:300]
-        plot = self._plot(rec, trials)
-        if plot:
-            out["plot"] = plot
+        if rec.fidelity in FULL_LENGTH:  # it reached full: its runs against the base's band
+            if self.plots is None:
+                if plot := draw(self.db, rec.commit, self.proposers, trials):
+                    out["plot"] = plot
+            else:  # where the child process draws it (an ended trial's attrs cannot change after)
+                self.plots.submit(rec.commit)
+                out["plot"] = str(self.db.artifacts.candidate_plot_path(rec.commit).relative_to(self.db.dir))
         return out
 
     def _params(self, commit: str) -> tuple[dict[str, Any], dict[str, BaseDistribution], dict[str, str]]:
@@ -220,34 +223,6 @@ class CandidateView:
             else:
                 params[knob.name], dists[knob.name] = got
         return params, dists, outside
-
-    def _plot(self, rec: TrialRecord, trials: list[TrialRecord] | None = None) -> str | None:
-        """The candidate's full-length runs against the base's band (its latest BAND_RUNS runs at
-        full); the path in the search folder, or None when it never reached `full`. `trials`:
-        the loop's study, when the caller has read it already. A plot never costs a result."""
-        try:
-            trials = self.db.trials() if trials is None else trials
-            mine: list[RunResult] = []
-            for t in trials:
-                if t.commit == rec.commit and t.proposer in self.proposers and t.fidelity in FULL_LENGTH:
-                    mine += self.db.runs(t.number)
-            if not any(r.curve for r in mine):
-                return None
-            base: list[RunResult] = []
-            for t in reversed(trials):
-                if t.proposer == BASELINE and t.state == "complete" and len(base) < BAND_RUNS:
-                    base += [r for r in self.db.runs(t.number) if r.fidelity == "full" and r.status == "ok"]
-            from runs_db.plots import plot_loss_curves  # matplotlib loads only when drawing
-
-            path = self.db.artifacts.candidate_plot_path(rec.commit)
-            detail = rec.attrs.get("speedup_detail") or {}
-            text = rec.attrs.get("speedup_text") or ""
-            drawn = plot_loss_curves(mine, base[:BAND_RUNS], path, target_loss=detail.get("target_loss"),
-                                     title=f"{rec.title}: {text}" if text else rec.title)
-            return str(drawn.relative_to(self.db.dir)) if drawn else None
-        except Exception as e:
-            log.warning("candidate %s: plot failed: %s", rec.commit[:12], e)
-            return None
 
 
 # -- one candidate's numbers, from its study trials -----------------------------------------
@@ -350,7 +325,14 @@ _VIEWS: weakref.WeakKeyDictionary[Any, CandidateView] = weakref.WeakKeyDictionar
 def attach(db: RunsDB, knobs: Iterable[Knob], objective: str, proposers: Iterable[str]) -> CandidateView:
     """Make `db`'s writes through agent.recorder keep its view; nothing is written until then."""
     view = _VIEWS[db] = CandidateView(db, knobs, objective, proposers)
+    view.plots = PlotQueue(db.dir, view.proposers)  # a search: its plots are drawn off its threads
     return view
+
+
+def finish(db: RunsDB, timeout: float = 300.0) -> int:
+    """The search's end: wait for the plots still being drawn; how many were given up."""
+    view = _VIEWS.get(db)
+    return view.plots.drain(timeout) if view is not None and view.plots is not None else 0
 
 
 def view_of(db: RunsDB) -> CandidateView | None:

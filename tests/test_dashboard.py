@@ -160,7 +160,11 @@ def test_view_tells_each_candidate_once(tmp_path: Path, storage_url, study_name)
         assert best.user_attrs["commit"] == a == status_dict(db)["best"]["commit"]
         assert ta.user_attrs["speedup"] == speedup(1.30, pairs=6).text()
         assert view_name(db.study_name) in db.study.user_attrs["candidates"]  # the loop's study points at it
-        # a plot per candidate that reached full, none for the others
+        # a plot per candidate that reached full, none for the others: drawn by a child process,
+        # recorded when it is done, all of them by the search's end
+        assert dashboard.finish(db) == 0
+        got = view_trials(db)
+        ta, tb, tc, td, te = (got[x] for x in (a, b, c, d, e))
         for x in (a, b, d):
             png = db.artifacts.candidate_plot_path(x)
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
