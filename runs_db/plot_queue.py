@@ -3,7 +3,7 @@
 A plot costs about 0.3 s of matplotlib and a read of the whole study; drawn on the recorder thread
 for every candidate that reached `full`, it took more than half of that thread's time in a
 1000-trial search, and the recorder's pace bounds how many runs a search keeps going. So the
-view (runs_db.dashboard) hands each plot to one spawned process that opens the search folder
+view (runs_db.dashboard) hands each plot to one child process that opens the search folder
 itself. The view trial names the plot's path when the candidate ends (an ended Optuna trial
 cannot change); the search's end waits for what is still queued.
 """
@@ -11,9 +11,10 @@ cannot change); the search's end waits for what is still queued.
 from __future__ import annotations
 
 import logging
-import multiprocessing
+import queue
+import subprocess
+import sys
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,47 +62,88 @@ def draw(db: RunsDB, commit: str, proposers: frozenset[str], trials: list[TrialR
         return None
 
 
-def _draw_in_child(db_dir: str, commit: str, proposers: frozenset[str]) -> str | None:
-    from runs_db.db import RunsDB
-
-    with RunsDB.open(db_dir) as db:
-        return draw(db, commit, proposers)
-
-
 class PlotQueue:
-    """One child process drawing plots in order. `drain` waits for the queue, then stops the child."""
+    """One child process (`python -m runs_db.plot_queue DIR PROPOSERS`) drawing plots in order: the
+    commits go down its stdin, one per line; it answers each with a line when drawn. A plain
+    subprocess, not multiprocessing: nothing of the caller's main module runs in it, and it ends
+    with its stdin, so it never outlives the search. `drain` waits for the queue, then ends it."""
 
     def __init__(self, db_dir: Path, proposers: frozenset[str]):
-        self.db_dir, self.proposers = str(db_dir), proposers
-        self._pool: ProcessPoolExecutor | None = None
-        self._futures: set[Future] = set()
+        self.db_dir, self.proposers = Path(db_dir), proposers
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._feeder: threading.Thread | None = None
+        self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        self.submitted = self.drawn = 0
 
     def submit(self, commit: str) -> None:
         with self._lock:
-            if self._pool is None:  # spawned, not forked: the controller has threads (Ray, the recorder)
-                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-            future = self._pool.submit(_draw_in_child, self.db_dir, commit, self.proposers)
-            self._futures.add(future)
+            if self._feeder is None:
+                self._feeder = threading.Thread(target=self._feed, name="plot-queue", daemon=True)
+                self._feeder.start()
+            self.submitted += 1
+        self._queue.put(commit)
 
-        def finished(f: Future) -> None:
-            with self._lock:
-                self._futures.discard(f)
+    def _feed(self) -> None:
+        log_path = self.db_dir / "plots.log"
+        try:
+            with open(log_path, "ab") as err:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "runs_db.plot_queue", str(self.db_dir), ",".join(sorted(self.proposers))],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+        except OSError as e:
+            log.warning("plots: no drawing process: %s", e)
+            return
+        proc = self._proc
+        assert proc.stdin is not None and proc.stdout is not None
+        reader = threading.Thread(target=self._count, args=(proc.stdout,), daemon=True)
+        reader.start()
+        try:
+            while (commit := self._queue.get()) is not None:
+                proc.stdin.write(commit + "\n")
+                proc.stdin.flush()
+        except OSError as e:  # the child died: later plots are lost, not the search
+            log.warning("plots: the drawing process ended: %s", e)
+        finally:
             try:
-                f.result()
-            except Exception as e:  # the child died: the plot is lost, not the search
-                log.warning("candidate %s: plot not drawn: %s", commit[:12], e)
+                proc.stdin.close()
+            except OSError:
+                pass
+        reader.join()
 
-        future.add_done_callback(finished)
+    def _count(self, out) -> None:
+        for _ in out:
+            self.drawn += 1
 
     def drain(self, timeout: float = 300.0) -> int:
-        """Wait for the queued plots (up to `timeout`), then stop the child; how many were left."""
+        """Wait for the queued plots (up to `timeout`), then end the child; how many were not drawn."""
         with self._lock:
-            pool, futures, self._pool = self._pool, set(self._futures), None
-        if pool is None:
+            feeder, self._feeder = self._feeder, None
+        if feeder is None:
             return 0
-        _, left = wait(futures, timeout=timeout)
-        for f in left:
-            f.cancel()
-        pool.shutdown(wait=not left, cancel_futures=True)
-        return len(left)
+        self._queue.put(None)
+        feeder.join(timeout)
+        proc = self._proc
+        if proc is not None:
+            try:
+                proc.wait(max(1.0, timeout / 10) if feeder.is_alive() else timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return self.submitted - self.drawn
+
+
+def main(argv: list[str]) -> None:
+    """The drawing process: one plot per commit read from stdin, one line out for each."""
+    from runs_db.db import RunsDB
+
+    proposers = frozenset(p for p in argv[1].split(",") if p)
+    with RunsDB.open(argv[0]) as db:
+        for line in sys.stdin:
+            if commit := line.strip():
+                draw(db, commit, proposers)
+                print(commit, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
