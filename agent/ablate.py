@@ -30,7 +30,7 @@ from runs_db.export import ABLATION_STATE
 from runs_db.pairs import budget_words, pair_up, search_target_loss
 from search_space import judge
 from search_space.errors import UserError
-from search_space.knobs import KNOBS_FILE, constant_pattern, read_constant
+from search_space.knobs import KNOBS_FILE, read_constant, value_span
 from search_space.target import Target
 
 STATE_PREFIX = ABLATION_STATE  # study state: the latest ablation of a commit
@@ -193,8 +193,8 @@ def _changed_paths(db: RunsDB, parent: str, child: str) -> list[str]:
 
 
 def _set_raw(text: str, name: str, raw: str) -> str:
-    m = constant_pattern(name).search(text)
-    return text if m is None else text[: m.start("value")] + raw + text[m.end("value"):]
+    span = value_span(text, name)  # NAME, Class.field or call(kw): search_space/locate.py
+    return text if span is None else text[: span[0]] + raw + text[span[1]:]
 
 
 def build(db: RunsDB, changes: list[Change], held: tuple[int, ...], message: str) -> str | None:
@@ -210,7 +210,7 @@ def build(db: RunsDB, changes: list[Change], held: tuple[int, ...], message: str
             text = db.files(cur, [path])[path] if present else ""
             if path == KNOBS_FILE:
                 new = _dump({**(json.loads(text) if present else {}), key: json.loads(raw)})
-            elif present and constant_pattern(key).search(text):
+            elif present and value_span(text, key) is not None:
                 new = _set_raw(text, key, raw)
             else:
                 return None  # the constant is not there without the changes left out

@@ -307,9 +307,10 @@ class RunCgroup:
         self.dirs = []
 
 
-def reap_orphans() -> list[Path]:
+def reap_orphans(owner: int | None = None) -> list[Path]:
     """Kill and remove the cgroups of runs whose caller died without closing them (a worker killed
-    with -9): those named `speedsearch-<pid>-...` beside the caller's own, whose pid is gone."""
+    with -9): those named `speedsearch-<pid>-...` beside the caller's own, whose pid is gone.
+    `owner`: only that caller's, dead or dying (env/guardian.py, as soon as it died)."""
     mounts, v2 = _mounts()
     own, own_v2 = _own_paths()
     parents = {_parent(m, own.get(c, "/")) for c, m in mounts.items()}
@@ -323,7 +324,7 @@ def reap_orphans() -> list[Path]:
             continue
         for d in entries:
             pid = d.name[len(PREFIX):].split("-", 1)[0]
-            if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            if not pid.isdigit() or (int(pid) != owner if owner is not None else Path(f"/proc/{pid}").exists()):
                 continue
             freeze_kill([d])
             try:

@@ -1,14 +1,21 @@
-"""A target's data folder: prepared once (by the target's own frozen script), then read-only."""
+"""A target's data folder: prepared once per node (by the target's own frozen script), then read-only.
+
+Its path is resolved where it is used, with that node's cache folder (`{cache}` in `data.path`),
+and the prepare step runs from the target's shipped base (env/source.py), never from the
+controller's target folder: a node of a cluster has neither the controller's cache nor its files.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from search_space.target import Target
+from search_space.target import Target, cache_dir
 
 
 class DataError(RuntimeError):
@@ -18,18 +25,32 @@ class DataError(RuntimeError):
 _READY: set[Path] = set()  # folders this process has seen prepared
 
 
-def ensure_data(target: Target) -> Path | None:
+def data_root(target: Target) -> Path | None:
+    """The target's data folder on this node: `data.path` with `{cache}` as this node's cache folder."""
+    template = target.data_template
+    if template is None or "{cache}" not in template:
+        return target.data_path  # no per-node part: as resolved when the target was loaded
+    return (Path(target.root) / template.replace("{cache}", str(cache_dir()))).resolve()
+
+
+# Extracts the target's frozen base into the scratch folder given and returns where `data.prepare`
+# runs inside it (env/source.py `prepare_folder`).
+Materialise = Callable[[Path], Path]
+
+
+def ensure_data(target: Target, base: Materialise | None = None) -> Path | None:
     """Run the target's `data.prepare` when its folder is missing (under a lock); returns the folder a
     run sees as `{data}`: `data.mount` inside it where the target sets one (the rest, e.g. a held-out
     split, stays outside the run).
 
     A prepare step writes its folder whole (into a temporary name, then renamed), so a folder that
-    exists is complete and is never prepared again.
+    exists is complete and is never prepared again. `base`: where the prepare step's files come
+    from (the shipped base); None runs it in the target's folder (a run of this machine's own).
     """
-    path = target.data_path
+    path = data_root(target)
     if path is None:
         return None
-    root = _prepared(target, path)
+    root = _prepared(target, path, base)
     if not target.data_mount:
         return root
     if not (root / target.data_mount).is_dir():
@@ -39,12 +60,13 @@ def ensure_data(target: Target) -> Path | None:
 
 def hidden_paths(target: Target) -> tuple[Path, ...]:
     """What a training run must not see: every entry of the data folder outside its mount."""
-    if target.data_path is None or not target.data_mount or not target.data_path.is_dir():
+    path = data_root(target)
+    if path is None or not target.data_mount or not path.is_dir():
         return ()
-    return tuple(sorted(p for p in target.data_path.iterdir() if p.name != target.data_mount))
+    return tuple(sorted(p for p in path.iterdir() if p.name != target.data_mount))
 
 
-def _prepared(target: Target, path: Path) -> Path:
+def _prepared(target: Target, path: Path, base: Materialise | None) -> Path:
     if path in _READY:
         return path
     if target.data_prepare is None:
@@ -59,7 +81,20 @@ def _prepared(target: Target, path: Path) -> Path:
             return path
         command = target.data_prepare.format(data=str(path))
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        proc = subprocess.run(command, shell=True, cwd=target.root, env=env, capture_output=True, text=True)
+        scratch = path.parent / f".{path.name}.prepare-{os.getpid()}"
+        try:
+            if base is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+                try:
+                    cwd = base(scratch)
+                except Exception as e:  # not the candidate's doing: the run fails with the reason
+                    raise DataError(f"data.prepare: the target's base could not be extracted on this node: "
+                                    f"{type(e).__name__}: {e}") from e
+            else:
+                cwd = Path(target.root)
+            proc = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         if proc.returncode != 0:
             raise DataError(f"data.prepare failed ({command}): {(proc.stdout + proc.stderr)[-2000:]}")
         if not path.is_dir():

@@ -22,6 +22,7 @@ from env.cache_layer import mount_reader
 from env.docker_attach import AttachStream, LineSink
 from env.docker_image import RUNNER_GID, RUNNER_UID, ensure_image, host_mounts
 from env.docker_kill import REMOVE_CALL_S, ContainerCgroups, Leader, call_with_deadline, stop_container
+from env.guardian import guardian
 from env.namespaces import CACHE_LAYERS
 from env.process_sandbox import MAX_LINE_BYTES, cpu_time_limit_s, sandbox_env
 from env.sandbox import LineCallback, SandboxOutcome, SandboxRequest
@@ -268,6 +269,9 @@ class DockerSandbox:
             volume = self.workspaces.mount(Path(request.workdir), limits.disk_mb, owner)
         disk = volume.kind if volume is not None else "none (disk_mb = 0)"
         container = self._create(request, run_id)
+        keeper = guardian()  # removes the container if this process dies under it (env/guardian.py)
+        if keeper is not None:
+            keeper.watch("ct", container.id)
         stream = leader = cgroups = None
         killed, detail, escalation = None, "", ""
         try:
@@ -308,6 +312,8 @@ class DockerSandbox:
             # After an escalation the daemon may be the wedged part: wait less for it (the call goes on).
             _, removal_error = call_with_deadline(lambda: container.remove(force=True),
                                                   3.0 if escalation else REMOVE_CALL_S)
+            if keeper is not None and removal_error is None:
+                keeper.unwatch("ct", container.id)
         containment = self._containment(request, disk, cgroups)
         if escalation:
             containment["kill"] = escalation

@@ -4,6 +4,7 @@ target with a `[trust]` section) measure instead of believe: env/trusted.py."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import threading
@@ -13,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from env.cache_layer import shared_cache
-from env.data import DataError, ensure_data, hidden_paths
+from env.data import DataError, data_root, ensure_data, hidden_paths
+from env.machine import run_memory_mb
 from env.provenance import provenance
 from env.readout import CurveReader
 from env.sandbox import Limits, Sandbox, SandboxRequest
+from env.source import DataSource, Source, prepare_folder, unship
 from env.stats import Band
 from env.trusted import CheckpointKeeper, Evaluator, expected_steps, log_problems, observed_curve
 from env.workspace import apply_patch, materialise_base, materialise_commit
@@ -43,6 +46,12 @@ class RunSpec:
     gpu_ids: tuple[str, ...] = ()
     run_id: str = ""
     env: tuple[tuple[str, str], ...] = ()  # extra environment (e.g. the controller's NCCL safety settings)
+    # Set by env/source.py `ship` on the controller: the source by value (a worker never opens
+    # `repo` or the target's folder), the target's base for data.prepare, the controller's code version.
+    source: Source | None = None
+    data_source: DataSource | None = None
+    code_version: str = ""
+    origin_node: str = ""  # the controller's Ray node: a run elsewhere keeps its folder in its node's cache
     fills_cache: bool = False  # a run of the base: it may write the shared compile cache (env/cache_layer.py)
 
 
@@ -71,12 +80,31 @@ def log_tail(path: Path, chars: int = TAIL_CHARS) -> str:
 
 
 def _materialise(spec: RunSpec, workdir: Path) -> None:
-    if spec.commit:
+    if spec.source is not None:
+        unship(spec.source, workdir)
+    elif spec.commit:
         materialise_commit(spec.repo or spec.target.repo, spec.commit, workdir)
     else:
         materialise_base(spec.target, workdir)
     if spec.patch:
         apply_patch(spec.target, workdir, spec.patch)
+
+
+def _link_data(target: Target, workdir: Path, data: Path | None) -> None:
+    """`data.link`: a symlink in the workdir to the data folder (mounted read-only at its own path
+    in the sandbox), for loaders that accept only relative paths; it travels with the workspace."""
+    if target.data_link is None or data is None:
+        return
+    link = workdir / target.data_link
+    if link.exists() or link.is_symlink():
+        raise DataError(f"data.link: {target.data_link} already exists in the candidate's tree")
+    folder = workdir
+    for part in Path(target.data_link).parts[:-1]:  # never through a link of the tree's (out of the workdir)
+        folder = folder / part
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise DataError(f"data.link: {folder.relative_to(workdir)} in the candidate's tree is no folder")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(Path(data).resolve(), target_is_directory=True)
 
 
 def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.Event | None = None,
@@ -89,10 +117,12 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
     workdir, log_path = run_dir / "work", run_dir / "run.log"
     steps = target.steps(spec.fidelity)
     result = RunResult(Status.INVALID, total_steps=steps, seed=spec.seed, fidelity=spec.fidelity,
-                       commit=spec.commit or "", log=str(log_path), provenance=provenance(spec.gpu_ids))
+                       commit=spec.commit or "", log=str(log_path),
+                       provenance=provenance(spec.gpu_ids, spec.code_version))
     try:
         _materialise(spec, workdir)
-        data = ensure_data(target)
+        data = ensure_data(target, prepare_folder(spec.data_source) if spec.data_source else None)
+        _link_data(target, workdir, data)
     except (EditError, RuleViolation) as e:
         result.reason = f"invalid change: {e}"
         log_path.write_text(result.reason + "\n")
@@ -103,6 +133,7 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
 
     env, flags = routed_values(workdir, target.knobs)
     command = target.render_command(seed=spec.seed, steps=steps, data=data or "")
+    target_env = target.render_env(seed=spec.seed, steps=steps, data=data or "")
     if flags:
         command += " " + " ".join(shlex.quote(f) for f in flags)
     trust = target.trust if target.readout.format == "speedrun" else None
@@ -111,7 +142,7 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
     pruned: list[str] = []
 
     def on_line(line: str) -> bool:
-        if target.readout.format != "speedrun":
+        if target.readout.format == "jsonl":  # read from its metrics file once the run ended
             return False
         point = reader.feed(line)
         if point is None:
@@ -127,8 +158,9 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
     request = SandboxRequest(
         command=command, workdir=workdir, log_path=log_path,
         env={**{k: os.environ[k] for k in target.passthrough_env if k in os.environ}, **dict(spec.env),
-             **target.env, **env},
-        limits=Limits(timeout_s=target.resources.timeout_s, memory_mb=target.resources.memory_mb,
+             **target_env, **env},
+        limits=Limits(timeout_s=target.resources.run_timeout_s,
+                      memory_mb=run_memory_mb(target.resources.memory_mb, target.resources.gpus, target.resources.cpus),
                       cpus=target.resources.cpus, gpu_ids=spec.gpu_ids, pids=target.resources.pids,
                       log_mb=target.resources.log_mb, disk_mb=target.resources.disk_mb),
         data=data, cache_dir=cache_dir if cache_dir is not None else shared_cache(),
@@ -140,8 +172,8 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         keep_workdir)
     try:
         if evaluator is not None and evaluator.early:  # its imports overlap the training run
-            evaluator.start(wait_s=target.resources.timeout_s)
-        started = time.monotonic()
+            evaluator.start(wait_s=target.resources.run_timeout_s)
+        started = reader.started = time.monotonic()  # a regex readout's clock starts with the run
         try:
             outcome = sandbox.run(request, on_line=on_line, cancel=cancel)
         except Exception as e:  # a sandbox that cannot start is the machine's fault, not the candidate's
@@ -176,13 +208,14 @@ def _trusted_measurement(spec: RunSpec, result: RunResult, reader: CurveReader, 
     """Check the log against what the sandbox observed, then recompute every point's loss from its
     checkpoint on held-out data (env/trusted.py). Any disagreement makes the run invalid."""
     trust, target = spec.target.trust, spec.target
-    assert trust is not None and target.data_path is not None
+    data_folder = data_root(target)
+    assert trust is not None and data_folder is not None
     t = time.perf_counter()
-    problems, info = log_problems(trust, reader, result.total_steps, started)
+    problems, info = log_problems(trust, reader, result.total_steps, started, target.resources.startup_s)
     problems += keeper.problems(expected_steps(result.total_steps, trust.every))
     result.provenance["trust"] = info
     if not problems:
-        measured = evaluator.finish(keeper.kept, target.data_path / trust.heldout,
+        measured = evaluator.finish(keeper.kept, data_folder / trust.heldout,
                                     {p.step: p.val_loss for p in reader.points})
         problems, info["losses"] = measured.problems, measured.losses
         info.update(measured.info)
@@ -192,6 +225,45 @@ def _trusted_measurement(spec: RunSpec, result: RunResult, reader: CurveReader, 
     info["seconds"] = round(time.perf_counter() - t, 3)
     if problems:
         result.status, result.reason = Status.INVALID, "the log is not to be trusted: " + "; ".join(problems)
+
+
+TRACEBACK = "Traceback (most recent call last):"
+RANK_PREFIX = re.compile(r"^\[(?:default)?rank(\d+)\]:\s?")  # torchrun's per-rank line prefix
+ROOT_RANK = re.compile(r"Root Cause \(first observed failure\):.*?\brank\s*:\s*(\d+)", re.S)
+TRACE_LINES, TRACE_TAIL_CHARS, SCAN_BYTES = 60, 1000, 32 << 20
+
+
+def first_traceback(log_path: Path) -> str:
+    """The first `Traceback (most recent call last):` block of the log, through its exception line,
+    without torchrun's `[rankN]:` prefixes; the failing rank's where the launcher's report names it
+    ("Root Cause ... rank: N"), else the first of any rank. Empty when the log holds none."""
+    try:
+        with open(log_path, "rb") as f:
+            text = f.read(SCAN_BYTES).decode(errors="replace")
+    except OSError:
+        return ""
+    root = ROOT_RANK.search(log_tail(log_path, 8000))
+    want = root.group(1) if root else None
+    blocks: dict[str | None, list[str]] = {}  # an open block per rank (None: unprefixed lines)
+    for raw in text.splitlines():
+        m = RANK_PREFIX.match(raw)
+        rank, line = (m.group(1), raw[m.end():]) if m else (None, raw)
+        block = blocks.get(rank)
+        if block is None:
+            if line.strip() == TRACEBACK and (want is None or rank in (want, None)):
+                blocks[rank] = [line]
+            continue
+        block.append(line)
+        if line and not line[0].isspace():
+            return _clip(block)  # the exception line ends the block (a chained one's cause is this)
+    return _clip(next(iter(blocks.values()))) if blocks else ""
+
+
+def _clip(lines: list[str]) -> str:
+    """A long traceback keeps its first frames and its last ones (the exception is at the end)."""
+    if len(lines) > TRACE_LINES:
+        lines = lines[:10] + [f"  ... {len(lines) - TRACE_LINES} lines ..."] + lines[-(TRACE_LINES - 10):]
+    return "\n".join(lines)
 
 
 def _classify(outcome, reader: CurveReader, pruned: list[str], log_path: Path) -> tuple[Status, str]:
@@ -211,7 +283,12 @@ def _classify(outcome, reader: CurveReader, pruned: list[str], log_path: Path) -
         return Status.FAILED, "cancelled"
     if outcome.exit_code != 0:
         detail = f" ({outcome.detail})" if outcome.detail else ""  # e.g. the process limit was reached
-        return Status.FAILED, f"exit code {outcome.exit_code}{detail}; log tail:\n{log_tail(log_path)}"
+        tail = log_tail(log_path)
+        trace = first_traceback(log_path)
+        if trace and trace not in tail:  # under torchrun the tail is the launcher's report, not the cause
+            return Status.FAILED, (f"exit code {outcome.exit_code}{detail}; first traceback:\n{trace}\n"
+                                   f"log tail:\n{tail[-TRACE_TAIL_CHARS:]}")
+        return Status.FAILED, f"exit code {outcome.exit_code}{detail}; log tail:\n{tail}"
     if problem := reader.problem:
         return Status.INVALID, f"the log is not to be trusted: {problem}"
     if why := reader.incomplete():

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from env.cache_layer import mount_reader
 from env.cgroup import RunCgroup, cgroup_support, reap_orphans
+from env.guardian import guardian, pdeath_argv
 from env.namespaces import RUN_GID, RUN_UID, bwrap_argv, chown_for_run, namespace_support, open_for_run
 from env.proctree import ProcessTree, private_mb
 from env.sandbox import Limits, LineCallback, SandboxOutcome, SandboxRequest
@@ -411,7 +412,8 @@ class ProcessSandbox:
         if isolated:
             gpus = bool(limits.gpu_ids) or bool(request.env.get("CUDA_VISIBLE_DEVICES"))
             inner = bwrap_argv(folder, request.data, _bound_cache(request), tuple(request.hide), inner, gpus)
-        argv = ["/bin/sh", "-c", f'{cgroup.add_pid_command()} && exec "$@"', "enter", *inner]
+        # The leader dies with the thread that starts it (a worker killed with -9 included): env/guardian.py.
+        argv = ["/bin/sh", "-c", f'{cgroup.add_pid_command()} && exec "$@"', "enter", *pdeath_argv(), *inner]
         try:
             proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -474,7 +476,8 @@ class ProcessSandbox:
             gpus = bool(limits.gpu_ids) or bool(request.env.get("CUDA_VISIBLE_DEVICES"))
             inner = bwrap_argv(workdir, request.data, _bound_cache(request), tuple(request.hide), inner, gpus)
         # The leader enters the cgroups first, then execs: the run is inside before it can fork.
-        argv = ["/bin/sh", "-c", f'{cgroup.add_pid_command()} && exec "$@"', "enter", *inner]
+        # The leader dies with the thread that starts it (a worker killed with -9 included): env/guardian.py.
+        argv = ["/bin/sh", "-c", f'{cgroup.add_pid_command()} && exec "$@"', "enter", *pdeath_argv(), *inner]
         try:
             proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -488,6 +491,9 @@ class ProcessSandbox:
                    cancel: threading.Event | None) -> tuple[SandboxOutcome, bool]:
         """Read a started run to its end, enforce its limits, kill what it leaves; free its cgroups."""
         limits = request.limits
+        keeper = guardian()  # kills what the run leaves if this process dies under it
+        if keeper is not None:
+            keeper.watch("pg", proc.pid)
         try:
             with open(request.log_path, "wb") as log:
                 watch = _Watch(proc.pid, request, cgroup, volume, cancel, self.grace_s, self.interval_s)
@@ -505,6 +511,8 @@ class ProcessSandbox:
                     oom, hits, cgroup_peak = cgroup.oom_killed(), cgroup.pids_limit_hits(), cgroup.peak_mb()
         finally:
             cgroup.close()
+            if keeper is not None:
+                keeper.unwatch("pg", proc.pid)
         exit_code = os.waitstatus_to_exitcode(status)
         if watch.killed is None and oom:
             watch.killed = "memory"

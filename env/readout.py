@@ -19,10 +19,15 @@ from search_space.target import Readout
 
 
 class CurveReader:
-    def __init__(self, readout: Readout, total_steps: int, pause_regex: str | None = None):
+    """`started`: when the run started (monotonic seconds), the zero of a regex readout's clock where
+    the log prints none (default: the first line's arrival)."""
+
+    def __init__(self, readout: Readout, total_steps: int, pause_regex: str | None = None,
+                 started: float | None = None):
         self.readout = readout
         self.total_steps = total_steps
-        self.pattern = re.compile(readout.line_regex)
+        self.started = started
+        self.pattern = re.compile(readout.pattern if readout.format == "regex" else readout.line_regex)
         self.pause = re.compile(pause_regex) if pause_regex else None
         self.points: list[Point] = []
         self.nonfinite: str | None = None
@@ -35,6 +40,8 @@ class CurveReader:
         """One line of output, arrived `now` (default: the monotonic clock now); returns the new point
         when the line is a validation line."""
         now = time.monotonic() if now is None else now
+        if self.readout.format == "regex":
+            return self._feed_any(line, now)
         m = self.pattern.search(line)
         if not m:
             if self.pause is not None and (p := self.pause.search(line)):
@@ -51,6 +58,25 @@ class CurveReader:
             self._flag(f"unreadable validation line: {line.strip()[:200]}")
             return None
         return self.add(step, loss, ms, groups.get("total"), now)
+
+    def _feed_any(self, line: str, now: float) -> Point | None:
+        """A line of any log (format "regex"): the step (or epoch) where the pattern names one, else
+        the match's rank; the value converted to the readout's unit; the trainer's clock where the
+        pattern reads one, else the line's arrival since the run started."""
+        self.started = now if self.started is None else self.started
+        m = self.pattern.search(line)
+        if not m:
+            return None
+        groups = m.groupdict()
+        try:
+            counted = groups.get("step") or groups.get("epoch")
+            step = int(counted) if counted is not None else len(self.points) + 1
+            value = self.readout.value(groups)
+            ms = float(groups["ms"]) if groups.get("ms") is not None else (now - self.started) * 1000
+        except (ValueError, ArithmeticError):
+            self._flag(f"unreadable {self.readout.counts} line: {line.strip()[:200]}")
+            return None
+        return self.add(step, value, ms, None, now)
 
     def add(self, step: int, loss: float, ms: float, total: str | int | None = None,
             now: float | None = None) -> Point | None:
@@ -93,8 +119,9 @@ class CurveReader:
 
     def incomplete(self) -> str | None:
         """Why the curve does not cover the whole run, or None when it does."""
+        counts = self.readout.counts
         if not self.points:
-            return "the run printed no validation line"
+            return "the run printed no validation line" if counts == "step" else "the run printed no epoch line"
         if self.points[-1].step != self.total_steps:
-            return f"the last validation was at step {self.points[-1].step} of {self.total_steps}"
+            return f"the last validation was at {counts} {self.points[-1].step} of {self.total_steps}"
         return None

@@ -23,7 +23,7 @@ from search_space.target import Target
 SKIP = {".git", "__pycache__", ".pytest_cache", ".ruff_cache"}
 
 
-def _is_git(path: Path) -> bool:
+def is_git(path: Path) -> bool:
     return (path / ".git").exists()
 
 
@@ -40,7 +40,7 @@ def materialise_commit(repo_path: Path, commit: str, dest: Path) -> None:
 
 def materialise_base(target: Target, dest: Path) -> None:
     """The target's base: its repo at base_ref, or a copy of its folder when it is no git repo."""
-    if _is_git(target.repo):
+    if is_git(target.repo):
         materialise_commit(target.repo, target.base_ref, dest)
         return
     shutil.copytree(target.repo, dest, dirs_exist_ok=True, symlinks=True,

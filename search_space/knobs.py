@@ -1,9 +1,16 @@
 """Knobs: numeric hyperparameters the search may set, and how a value reaches the trainer.
 
 A knob is an Optuna distribution plus a route: an environment variable (`env`), a command-line
-flag appended to the run command (`flag`), or a rewrite of a named constant in an editable file
+flag appended to the run command (`flag`), or a rewrite of a value in an editable file
 (`constant`). Env and flag values travel inside the candidate's tree, in KNOBS_FILE, so that a
 candidate is always exactly one git tree.
+
+A `constant` knob's key finds its value in one of three ways (search_space/locate.py):
+- `NAME`: the first `NAME = value` (or `name: type = value`) line;
+- `Class.field`: the field's assignment inside `class Class` (a `@dataclass` Hyperparameters);
+- `call(kw)`: the keyword argument `kw=` of the first call to `call` (`Muon(lr)`); words before the
+  keyword must appear in that call's text or before it on its line, to tell calls apart
+  (`dict(embed_params, lr)`, `dict(adam_defaults, lr)` for `adam_defaults = dict(lr=...)`).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+
+from search_space.locate import locate, structured
 
 KNOBS_FILE = ".speedsearch-knobs.json"
 ROUTES = ("env", "flag", "constant")
@@ -98,18 +107,32 @@ def constant_pattern(name: str) -> re.Pattern:
                       re.M)
 
 
+def value_span(text: str, key: str) -> tuple[int, int] | None:
+    """Where the value a knob's key names lies in `text` (start, end), or None."""
+    if structured(key):
+        span = locate(text, key)
+        if span is not None or "(" in key:
+            return span
+    match = constant_pattern(key).search(text)  # also `args.lr = 0.1`, a dotted name that is no class
+    return (match.start("value"), match.end("value")) if match else None
+
+
+def set_raw(text: str, key: str, raw: str) -> str:
+    """`text` with the value of `key` replaced by the source `raw`; KeyError when there is none."""
+    span = value_span(text, key)
+    if span is None:
+        raise KeyError(f"constant {key} not found")
+    return text[: span[0]] + raw + text[span[1]:]
+
+
 def rewrite_constant(text: str, name: str, value: Any) -> str:
-    """Set the first assignment of `name` in `text` to `value`; KeyError when there is none."""
-    pattern = constant_pattern(name)
-    match = pattern.search(text)
-    if not match:
-        raise KeyError(f"constant {name} not found")
-    return text[: match.start("value")] + _literal(value) + text[match.end("value"):]
+    """Set the value `name` (a knob's key) names in `text` to `value`; KeyError when there is none."""
+    return set_raw(text, name, _literal(value))
 
 
 def read_constant(text: str, name: str) -> str | None:
-    match = constant_pattern(name).search(text)
-    return match.group("value").strip() if match else None
+    span = value_span(text, name)
+    return text[span[0]:span[1]].strip() if span else None
 
 
 def knob_changes(files: dict[str, str], knobs: tuple[Knob, ...], values: dict[str, Any]) -> dict[str, str]:

@@ -16,15 +16,15 @@ from typing import Any
 
 from search_space.errors import UserError
 from search_space.knobs import Knob, parse_knob
+from search_space.readout import KEYS as READOUT_KEYS
+from search_space.readout import SPEEDRUN_LINE, Readout, ReadoutError, parse_readout
+
+__all__ = ["SPEEDRUN_LINE", "Readout"]  # also here: where targets were always read from
 
 OBJECTIVES = ("time_to_target", "steps_to_target", "loss_at_budget")
 FIDELITY_ORDER = ("smoke", "short", "full")
-# modded-nanogpt's validation line: step:N/M val_loss:X train_time:Yms step_avg:Zms
-SPEEDRUN_LINE = (
-    r"step:(?P<step>\d+)/(?P<total>\d+) val_loss:(?P<val_loss>[-+\w.]+) "
-    r"train_time:(?P<train_ms>[\d.]+)ms"
-)
-TEMPLATE_VARS = ("seed", "steps", "nproc", "data")
+# {data_rel}: the data folder as a path relative to the run's working folder (data.link)
+TEMPLATE_VARS = ("seed", "steps", "nproc", "data", "data_rel")
 
 
 def cache_dir() -> Path:
@@ -44,10 +44,10 @@ KEYS: dict[str, tuple[str, ...]] = {
     "repo": ("path", "base_ref"),
     "run": ("command", "env", "passthrough_env", "docker_image", "warm_imports"),
     "files": ("editable", "frozen", "markers"),
-    "readout": ("format", "line_regex", "metrics_file"),
+    "readout": READOUT_KEYS,
     "objective": ("kind", "target_loss"),
-    "resources": ("gpus", "cpus", "memory_mb", "timeout_s", "pids", "log_mb", "disk_mb"),
-    "data": ("path", "prepare", "mount"),
+    "resources": ("gpus", "cpus", "memory_mb", "timeout_s", "startup_s", "pids", "log_mb", "disk_mb"),
+    "data": ("path", "prepare", "mount", "link"),
     "knobs": ("name", "type", "low", "high", "log", "step", "choices", "via", "key", "file"),
     "fidelity": ("steps", "fraction"),
 }
@@ -97,15 +97,6 @@ class Fidelity:
     steps: int
 
 
-@dataclass(frozen=True)
-class Readout:
-    """How to read a run: a regex over the log, or a JSON-lines metrics file the trainer writes."""
-
-    format: str = "speedrun"  # "speedrun" (log regex) or "jsonl"
-    line_regex: str = SPEEDRUN_LINE
-    metrics_file: str = "metrics.jsonl"
-
-
 TRUST_VARS = ("ckpts", "inputs", "out", "go")
 PAUSE_LINE = r"step:(?P<step>\d+)/\d+ val_start"  # printed when the timed region pauses for validation
 
@@ -145,11 +136,18 @@ class Resources:
 
     gpus: int = 0
     cpus: int = 1
-    memory_mb: int = 4096
+    memory_mb: int | None = None  # None: a share of the machine that runs it (env/machine.py)
     timeout_s: float = 600.0
+    # Compile and warm-up before step 0 (a record's torch.compile takes minutes): added to the
+    # timeout, and the trusted clock check's start-up allowance (env/trusted.py).
+    startup_s: float = 0.0
     pids: int = 512  # processes and threads at once
     log_mb: int = 64  # log bytes kept; past it the run is invalid
     disk_mb: int = 4096  # the workspace's size; past it the run fails ("disk quota")
+
+    @property
+    def run_timeout_s(self) -> float:
+        return self.timeout_s + self.startup_s
 
 
 @dataclass(frozen=True)
@@ -175,8 +173,12 @@ class Target:
     # thread-pool set-up, only what `import` does.
     warm_imports: tuple[str, ...] = ()
     data_path: Path | None = None  # read-only data folder, `{data}` in the command
+    data_template: str | None = None  # data.path as written: each node resolves `{cache}` (env/data.py)
     data_prepare: str | None = None  # command that writes the data folder when it is missing
     data_mount: str | None = None  # the subfolder of data_path a run sees as `{data}` (None: all of it)
+    # A path inside the workdir made a symlink to `{data}`, for loaders that take only relative
+    # globs (the speedrun's); `{data_rel}` renders as it.
+    data_link: str | None = None
     trust: Trust | None = None  # None: results are `untrusted` (claimed losses, observed times)
     knobs: tuple[Knob, ...] = ()
     ideas_file: Path | None = None
@@ -191,8 +193,16 @@ class Target:
             raise TargetError(f"fidelity {fidelity!r}: target {self.name} has {sorted(self.fidelities)}") from None
 
     def render_command(self, *, seed: int, steps: int, data: str | Path, nproc: int | None = None) -> str:
+        return self.command.format(**self._fills(seed, steps, data, nproc))
+
+    def render_env(self, *, seed: int, steps: int, data: str | Path, nproc: int | None = None) -> dict[str, str]:
+        """`run.env` with its placeholders filled, like the command's."""
+        fills = self._fills(seed, steps, data, nproc)
+        return {k: v.format(**fills) for k, v in self.env.items()}
+
+    def _fills(self, seed: int, steps: int, data: str | Path, nproc: int | None) -> dict[str, object]:
         nproc = nproc if nproc is not None else max(1, self.resources.gpus)
-        return self.command.format(seed=seed, steps=steps, nproc=nproc, data=str(data))
+        return {"seed": seed, "steps": steps, "nproc": nproc, "data": str(data), "data_rel": self.data_link or ""}
 
 
 def _get(d: dict, key: str, kind: type | tuple, where: str, default: Any = ...) -> Any:
@@ -293,30 +303,27 @@ def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
         raise TargetError(f"repo.path: {repo} is not a folder")
     run = _get(raw, "run", dict, "target")
     command = _get(run, "command", str, "run")
-    for var in re.findall(r"{(\w*)}", command):
-        if var not in TEMPLATE_VARS:
-            raise TargetError(f"run.command: unknown placeholder {{{var}}} (use {', '.join(TEMPLATE_VARS)})")
     env = _get(run, "env", dict, "run", {})
     if not all(isinstance(v, str) for v in env.values()):
         raise TargetError(f"run.env: values must be strings, got {env!r}")
+    data = _get(raw, "data", dict, "target", {})
+    link = _get(data, "link", str, "data", None)
+    for where, text in [("run.command", command), *((f"run.env.{k}", v) for k, v in env.items())]:
+        for var in re.findall(r"{(\w*)}", text):
+            if var not in TEMPLATE_VARS:
+                raise TargetError(f"{where}: unknown placeholder {{{var}}} (use {', '.join(TEMPLATE_VARS)})")
+            if var == "data_rel" and not link:
+                raise TargetError(f"{where}: {{data_rel}} needs data.link (where the run finds the data)")
 
     files = _get(raw, "files", dict, "target")
     editable = _str_list(files, "editable", "files")
     if not editable:
         raise TargetError("files.editable: empty; the search would have nothing to change")
 
-    ro = _get(raw, "readout", dict, "target", {})
-    fmt = _get(ro, "format", str, "readout", "speedrun")
-    if fmt not in ("speedrun", "jsonl"):
-        raise TargetError(f"readout.format: {fmt!r} is not one of speedrun, jsonl")
-    line_regex = _get(ro, "line_regex", str, "readout", SPEEDRUN_LINE)
     try:
-        groups = set(re.compile(line_regex).groupindex)
-    except re.error as e:
-        raise TargetError(f"readout.line_regex: does not compile: {e}") from None
-    if fmt == "speedrun" and not {"step", "val_loss", "train_ms"} <= groups:
-        raise TargetError("readout.line_regex: needs named groups step, val_loss and train_ms")
-    readout = Readout(fmt, line_regex, _get(ro, "metrics_file", str, "readout", "metrics.jsonl"))
+        readout = parse_readout(_get(raw, "readout", dict, "target", {}))
+    except ReadoutError as e:
+        raise TargetError(str(e)) from None
 
     obj = _get(raw, "objective", dict, "target", {})
     kind = _get(obj, "kind", str, "objective", "time_to_target")
@@ -332,18 +339,21 @@ def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
     resources = Resources(
         gpus=_get(res, "gpus", int, "resources", 0),
         cpus=_get(res, "cpus", int, "resources", 1),
-        memory_mb=_get(res, "memory_mb", int, "resources", 4096),
+        memory_mb=_get(res, "memory_mb", int, "resources", None),
         timeout_s=_get(res, "timeout_s", float, "resources", 600.0),
+        startup_s=_get(res, "startup_s", float, "resources", 0.0),
         pids=_get(res, "pids", int, "resources", 512),
         log_mb=_get(res, "log_mb", int, "resources", 64),
         disk_mb=_get(res, "disk_mb", int, "resources", 4096),
     )
-    if resources.gpus < 0 or resources.cpus < 1 or resources.memory_mb < 64 or resources.timeout_s <= 0 \
-            or resources.pids < 16 or resources.log_mb < 1 or resources.disk_mb < 0:
+    if resources.gpus < 0 or resources.cpus < 1 or (resources.memory_mb or 64) < 64 or resources.timeout_s <= 0 \
+            or resources.startup_s < 0 or resources.pids < 16 or resources.log_mb < 1 or resources.disk_mb < 0:
         raise TargetError(f"resources: out of range: {resources}")
 
-    data = _get(raw, "data", dict, "target", {})
     data_path = _get(data, "path", str, "data", None)
+    if link is not None and (not data_path or not link.strip("/.") or Path(link).is_absolute()
+                             or ".." in Path(link).parts):
+        raise TargetError(f"data.link: a relative path inside the workdir (with data.path), got {link!r}")
     mount = _get(data, "mount", str, "data", None)
     if mount is not None and (Path(mount).is_absolute() or ".." in Path(mount).parts or not data_path):
         raise TargetError(f"data.mount: a subfolder of data.path, got {mount!r}")
@@ -370,8 +380,10 @@ def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
         passthrough_env=_str_list(run, "passthrough_env", "run", ()),
         warm_imports=_str_list(run, "warm_imports", "run", ()),
         data_path=(root / data_path.replace("{cache}", str(cache_dir()))).resolve() if data_path else None,
+        data_template=data_path,
         data_prepare=_get(data, "prepare", str, "data", None),
         data_mount=mount,
+        data_link=link,
         trust=trust,
         knobs=knobs,
         ideas_file=(root / ideas).resolve() if ideas else None,

@@ -10,6 +10,7 @@ BUILTINS = {
     "tinygpt": "tinygpt/target.toml",
     "tinygpt-gpu": "tinygpt/target-gpu.toml",
     "tinygpt-ddp": "tinygpt/target-ddp.toml",
+    "tinylm-epochs": "epochs/target.toml",
 }
 
 
