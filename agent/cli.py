@@ -45,9 +45,12 @@ def evaluate(
     sandbox: str = typer.Option("process", help="process | docker"),
     gpus: int | None = typer.Option(None, help="GPUs for the run, overriding the target's ({nproc} follows)"),
     run_root: Path | None = typer.Option(None, help="where run folders go (default: the cache)"),
+    ray_address: str = typer.Option("", envvar="RAY_ADDRESS", show_envvar=False,
+                                    help="run on this Ray cluster (default: $RAY_ADDRESS, else here, in-process)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Run one candidate once and report what happened."""
+    """Run one candidate once and report what happened. SIGINT or SIGTERM ends the run, prints its
+    result and exits 130 or 143."""
     with guard(as_json):
         from dataclasses import replace
 
@@ -66,22 +69,36 @@ def evaluate(
             raise UserError(f"--seed {seed}: must be 0 or more")
         if gpus is not None:
             t = replace(t, resources=replace(t.resources, gpus=gpus))
+        from agent.preflight import check_cluster
+
+        if ray_address:
+            check_cluster(ray_address)
         from env.evaluate import RunSpec, make_sandbox
-        from env.evaluate import evaluate as run_one
         from env.gpus import local_gpu_ids
 
-        try:
-            gpu_ids = local_gpu_ids(t.resources.gpus)
-        except ValueError as e:
-            raise UserError(f"--gpus {t.resources.gpus}: {e}") from None
+        gpu_ids: tuple[str, ...] = ()
+        if not ray_address:  # on a cluster the pool picks the GPUs
+            try:
+                gpu_ids = local_gpu_ids(t.resources.gpus)
+            except ValueError as e:
+                raise UserError(f"--gpus {t.resources.gpus}: {e}") from None
         if sandbox == "docker":
             from agent.runner import check_access
             from agent.settings import SearchSettings
 
             check_access(SearchSettings(target=target, sandbox="docker"))
         spec = RunSpec(t, seed=seed, fidelity=fidelity, patch=patch.read_text() if patch else None, gpu_ids=gpu_ids)
-        with console.status(f"running {t.name} seed {seed} at {fidelity} ({t.steps(fidelity)} steps)"):
-            result = run_one(spec, make_sandbox(sandbox, t), run_root or cache_dir() / "runs")
+        root = run_root or cache_dir() / "runs"
+        where = f" on {ray_address}" if ray_address else ""
+        with console.status(f"running {t.name} seed {seed} at {fidelity} ({t.steps(fidelity)} steps){where}"):
+            if ray_address:
+                result, caught = _evaluate_on_cluster(spec, ray_address, sandbox, root)
+            else:
+                result, caught = _evaluate_here(spec, make_sandbox(sandbox, t), root)
+        if caught.signum and result.status.value != "ok":
+            from search_space.records import Status
+
+            result.status, result.reason = Status.FAILED, f"cancelled by {caught.name}"
 
         def render(data: dict) -> None:
             table = Table("status", "val_loss", "train time", "steps", "wall", "log", title=f"{t.name} @ {fidelity}")
@@ -94,6 +111,68 @@ def evaluate(
             if data["reason"]:
                 out.print(f"reason: {data['reason']}", markup=False, highlight=False)
         emit(result.to_dict(), as_json, render)
+        if caught.signum:
+            raise typer.Exit(caught.exit_code)
+
+
+def _evaluate_here(spec, sandbox, root: Path):
+    """The run in a thread of this process; SIGINT/SIGTERM cancel it (the sandbox kills every
+    process of the run) and it returns its result, marked by `evaluate`."""
+    import threading
+
+    from agent.cli_io import signals_cancel
+    from env.evaluate import evaluate as run_one
+
+    cancel = threading.Event()
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            box["result"] = run_one(spec, sandbox, root, cancel=cancel)
+        except BaseException as e:  # raised again on this thread
+            box["error"] = e
+
+    with signals_cancel(cancel) as caught:
+        thread = threading.Thread(target=work, name="evaluate", daemon=True)
+        thread.start()
+        while thread.is_alive():  # short joins: a signal handler runs between them
+            thread.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    return box["result"], caught
+
+
+def _evaluate_on_cluster(spec, address: str, sandbox: str, root: Path):
+    """The run as one task on the Ray cluster at `address`; a signal stops it through the pool.
+    The log comes back by value and is written under `root` here when the run was elsewhere."""
+    import threading
+
+    from agent.cli_io import signals_cancel
+    from agent.preflight import AUTH_HINT, check_node_gpus, first_line, is_auth_refusal
+    from env.pool import Pool
+
+    try:
+        pool = Pool(address, sandbox=sandbox, run_root=root)
+    except Exception as e:
+        hint = f"; {AUTH_HINT}" if is_auth_refusal(e) else ""
+        raise UserError(f"--ray-address {address}: cannot join the Ray cluster there ({first_line(e)}){hint}") from None
+    try:
+        check_node_gpus(spec.target.resources.gpus, spec.target.name, f"the cluster at {address}")
+        cancel = threading.Event()
+        with signals_cancel(cancel) as caught:
+            ref = pool.submit(spec)
+            while not pool.wait([ref], timeout=0.2):
+                if cancel.is_set():
+                    pool.stop([ref])
+            finished = pool.get(ref)
+    finally:
+        pool.shutdown()
+    result = finished.result
+    log = Path(result.log)
+    if finished.log_text and not log.exists():
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(finished.log_text)
+    return result, caught
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -123,7 +202,10 @@ def launch(
     seeds: int = typer.Option(3, help="baseline seeds per fidelity and first confirm batch"),
     max_fidelity: str = typer.Option("confirm", help="smoke | short | full | confirm"),
     storage: str = typer.Option("", help="Optuna storage URL (default: sqlite in the search folder)"),
-    ray_address: str = typer.Option("", help="a Ray cluster's address (default: a local cluster)"),
+    study_name: str = typer.Option("speedsearch", help="the search's study in --storage: searches sharing one "
+                                   "database each need their own"),
+    ray_address: str = typer.Option("", envvar="RAY_ADDRESS", show_envvar=False,
+                                    help="a Ray cluster's address (default: $RAY_ADDRESS, else a local cluster)"),
     sandbox: str = typer.Option("process", help="process | docker"),
     models: str = typer.Option("claude-sonnet-4-6", help="LLM model, or model:weight,model:weight"),
     seed: int = typer.Option(0, help="the policy's random seed"),
@@ -144,30 +226,50 @@ def launch(
         values = {"target": target, "proposers": _split(proposers), "workers": workers,
                   "budget_trials": budget_trials, "budget_minutes": budget_minutes,
                   "budget_gpu_hours": budget_gpu_hours, "budget_dollars": budget_dollars, "seeds": seeds,
-                  "max_fidelity": max_fidelity, "storage": storage, "ray_address": ray_address, "sandbox": sandbox,
+                  "max_fidelity": max_fidelity, "storage": storage, "study_name": study_name,
+                  "ray_address": ray_address, "sandbox": sandbox,
                   "models": models, "seed": seed, "fdr": fdr, "allow_untrusted": allow_untrusted,
                   "drain_minutes": drain_minutes}
-        # Refusals first, before Ray and the rest load (seconds): the options, the target, access.
+        # Refusals first, before Ray and the rest load (seconds): the options, the target, access,
+        # the database, this machine's GPUs.
         fresh = None if resume else SearchSettings(**values)
         if fresh is None:
             SearchSettings(**{**values, "target": "tinygpt"})  # the options alone are valid (one line if not)
         else:
-            _target(fresh.target)
-            check_access(fresh)
-        from agent.runner import discard_new_search, open_search, run_search
+            t = _target(fresh.target)
+            check_access(fresh, dir, new=True)
+            from agent.preflight import check_local_gpus, joins_started_cluster
+
+            if not fresh.ray_address and not joins_started_cluster():  # a cluster's GPUs are checked on joining
+                check_local_gpus(t.resources.gpus, t.name)
+        from agent.runner import discard_new_search, lost_database, open_search, run_search, start_pool
 
         if fresh is None:
             changes = {k: values[k] for k in _given(ctx, list(values))}
             if "target" in changes and changes["target"] not in BUILTINS:
                 changes["target"] = str(Path(changes["target"]).resolve())
             db, settings = open_search(dir, None, changes)
+            try:
+                pool = start_pool(settings, load_target(settings.target), db)
+            except BaseException:
+                db.close()
+                raise
         else:
+            # The cluster is joined (and its GPUs checked) before the folder is made: a refusal
+            # leaves nothing behind to block the next try.
             existed = dir.exists()
-            db, settings = open_search(dir, fresh)
+            pool = start_pool(fresh, t, dir)
+            try:
+                db, settings = open_search(dir, fresh, checked=True)
+            except BaseException:
+                pool.shutdown()
+                raise
         with db:
             try:
-                summary = run_search(db, settings, console=console)
-            except BaseException:
+                summary = run_search(db, settings, console=console, pool=pool, own_pool=True)
+            except BaseException as e:
+                if (line := lost_database(e, db)) is not None:
+                    raise UserError(line) from None  # one line naming the database, not a traceback
                 if not resume and discard_new_search(db, existed):
                     console.print(f"nothing was recorded: removed the new search in {dir}")
                 raise
@@ -229,3 +331,4 @@ def main() -> None:  # pragma: no cover
 from agent import cli_records  # noqa: E402,F401,I001
 from agent import cli_show  # noqa: E402,F401,I001
 from agent import cli_review  # noqa: E402,F401,I001
+from agent import cli_init  # noqa: E402,F401,I001

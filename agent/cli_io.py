@@ -8,7 +8,9 @@ code 2; Ctrl-C exits 130. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -109,3 +111,40 @@ def emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
         sys.stdout.write("\n")
     else:
         render(data)
+
+
+class Caught:
+    """The first SIGINT or SIGTERM that arrived inside `signals_cancel`, if any."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or 0)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+@contextmanager
+def signals_cancel(cancel: threading.Event) -> Iterator[Caught]:
+    """SIGINT and SIGTERM set `cancel` instead of ending the process, so the command can end its
+    run (the sandbox kills it), print what happened and exit 128 + the signal. A second signal
+    raises KeyboardInterrupt (an impatient user is not kept waiting). Main thread only; the
+    previous handlers come back after."""
+    caught = Caught()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if caught.signum is not None:  # a second one: stop waiting for the run's end (exit 130)
+            raise KeyboardInterrupt
+        caught.signum = signum
+        cancel.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

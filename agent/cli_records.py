@@ -29,11 +29,12 @@ def _search(dir: Path):
     return RunsDB.open(dir)
 
 
-def _target_of(db):
+def _target_of(db, ray_address: str = ""):
+    """The search's settings (with `ray_address` in place of its own, when given) and target."""
     from agent.settings import SearchSettings
     from search_space.target import load_target
 
-    settings = SearchSettings.from_dict(db.settings)
+    settings = SearchSettings.from_dict({**db.settings, **({"ray_address": ray_address} if ray_address else {})})
     return settings, load_target(settings.target)
 
 
@@ -51,9 +52,9 @@ def _writer(db) -> Iterator[None]:
 
 @contextmanager
 def _pool(settings, target, db) -> Iterator[Any]:
-    from agent.runner import make_pool
+    from agent.runner import start_pool
 
-    pool = make_pool(settings, target, db)
+    pool = start_pool(settings, target, db)
     try:
         yield pool
     finally:
@@ -99,6 +100,9 @@ def replay(
     seeds: int = typer.Option(5, help="fresh seeds, each run beside a base run"),
     ablate: bool = typer.Option(False, "--ablate", help="leave-one-out and each change alone, against the base"),
     approved: bool = typer.Option(False, "--approved", help="replay every candidate approved on the review page"),
+    ray_address: str = typer.Option("", envvar="RAY_ADDRESS", show_envvar=False,
+                                    help="run on this Ray cluster (default: $RAY_ADDRESS, else the search's own "
+                                    "--ray-address, else a local cluster)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Run a candidate again on fresh seeds, each beside a base run: the speed-up, its interval and p-value."""
@@ -109,8 +113,12 @@ def replay(
             raise UserError("--ablate: ablate one --commit at a time, not --approved")
         if seeds < 2:
             raise UserError(f"--seeds {seeds}: need at least 2 (an interval needs two pairs)")
+        if ray_address:
+            from agent.preflight import check_cluster
+
+            check_cluster(ray_address)
         with _search(dir) as db:
-            settings, target = _target_of(db)
+            settings, target = _target_of(db, ray_address)
             if approved:
                 _approved(db, settings, target, seeds, as_json)
                 return

@@ -85,6 +85,9 @@ class Live:
         self.header = (f"{(now - search.started) / 60:5.1f} min | trials {s.trials} | running "
                        f"{len(search.inflight)}/{search.capacity} | proposing {len(search.ahead.futures)} | "
                        f"queued {len(search.queue)} | LLM ${s.dollars:.2f}")
+        lost = getattr(search, "faults", None)
+        if lost is not None and lost.state["runs"]:  # runs lost with their node: sent again, not failures
+            self.header += f" | lost runs {lost.state['runs']} (sent again)"
         self._live.update(self.render())
 
     def render(self) -> Group:

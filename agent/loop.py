@@ -16,6 +16,7 @@ from agent import ladder, reward
 from agent.ahead import Ahead
 from agent.baseline import Baselines, run_fidelity
 from agent.candidates import Candidates, Record
+from agent.faults import LOST_KEY, TRIES, Faults
 from agent.live import Live
 from agent.meter import Meter, Summary
 from agent.names import LADDER, Rung, Verdict, Who, rung_index
@@ -27,7 +28,7 @@ from agent.review.desk import Desk
 from agent.settings import SearchSettings
 from agent.trial import BASE, CANDIDATE, Trial, rejected
 from env.evaluate import RunSpec
-from env.pool import Pool
+from env.pool import Pool, RunLost
 from runs_db import dashboard
 from runs_db.db import RunsDB
 from search_space import judge
@@ -51,6 +52,8 @@ class Search:
         self.candidates = Candidates(db, target)
         self.live = live or Live(enabled=False)
         self.capacity = settings.workers or pool.capacity(target.resources.cpus, target.resources.gpus)
+        # lost runs, sick nodes, the cluster's size and its loss (agent/faults.py)
+        self.faults = Faults(pool, target.resources.cpus, target.resources.gpus)
         self.queue: list[tuple[int, int, Trial]] = []
         self.stranded: list[Trial] = []  # left waiting when the budget ran out (a resume takes them on)
         self.counter = itertools.count()
@@ -113,6 +116,8 @@ class Search:
 
     # --- runs
     def _dispatch(self) -> None:
+        if self.faults.lost_reason:  # nothing goes to a lost cluster (the search pauses)
+            return
         blocked = []
         while self.queue and len(self.inflight) < self.capacity:
             item = heapq.heappop(self.queue)
@@ -170,14 +175,21 @@ class Search:
             self.open[t.number] = t
             self.live.started(t.number, t)
         t.expect(t.batch, paired)
+        carried, t.carried = t.carried, {}  # finished before a stop or crash (agent/resume.py): not run again
         # Single-seed rungs are pruned against the baseline band; confirm runs whole, both sides alike.
         band = self.baselines[fid].band if (fid in self.baselines and not t.is_baseline and not paired) else None
         for seed in t.batch:  # confirm interleaves: candidate, then the base, with the same seed
             for role, commit in ((CANDIDATE, t.commit), (BASE, self.db.base_commit))[: 2 if paired else 1]:
+                if (role, seed) in carried:
+                    continue
                 spec = RunSpec(self.target, seed=seed, fidelity=fid, repo=self.db.repo_path, commit=commit,
                                band=band, run_id=f"t{t.number}-{role[0]}-s{seed}-{commit[:8]}",
                                fills_cache=commit == self.db.base_commit)
                 self.inflight[self.pool.submit(spec)] = (t, role, seed)
+        for (role, seed), result in carried.items():
+            if (role, seed) in t.waiting:
+                self.recorder.call(record_run, self.db, t.number if role == CANDIDATE else t.base_number, result, None)
+                self._add(t, role, seed, result)
         return t.number
 
     def _collect_runs(self, timeout: float) -> None:
@@ -196,19 +208,60 @@ class Search:
                 if result.final is not None:  # the trainer's own active time, for bench/loop.py
                     self.meter.active.append((finished.ended, result.final.train_ms / 1000))
                 self.recorder.call(record_run, self.db, number, result, finished.log_text)
-            except Exception as e:  # the worker died and Ray gave up retrying
-                result = RunResult(Status.FAILED, reason=f"worker lost: {type(e).__name__}: {e}", seed=seed)
+                # The node's health: a candidate's own failure says nothing of it, the base's does.
+                if result.status == Status.OK or t.is_baseline or role == BASE:
+                    self._note(self.faults.ran(finished.node, result.status in (Status.OK, Status.PRUNED)))
+            except RunLost as lost:  # the cluster's failure, never the candidate's: sent again
+                result = self._lost((t, role, seed), number, lost)
+                if result is None:
+                    self.meter.charge(number, t0)
+                    continue
+            except Exception as e:  # the task itself raised: a bug, not a lost worker
+                result = RunResult(Status.FAILED, reason=f"the run's task raised {type(e).__name__}: {e}", seed=seed)
             self.summary.worker_hours += result.wall_s / 3600
-            if t.add_run(role, seed, result):
-                if t.is_baseline:
-                    self._finish_baseline(t)
-                elif t.who == Who.REPLAY:  # an approved candidate's replay (agent/review/desk.py)
-                    self.desk.finish(t)
-                elif t.rung == Rung.CONFIRM:
-                    self._finish_confirm(t)
-                else:
-                    self._finish_rung(t)
+            self._add(t, role, seed, result)
             self.meter.charge(number, t0)
+
+    def _add(self, t: Trial, role: str, seed: int, result: RunResult) -> None:
+        """One run's result into its trial; a complete batch is judged at once."""
+        if t.add_run(role, seed, result):
+            if t.is_baseline:
+                self._finish_baseline(t)
+            elif t.who == Who.REPLAY:  # an approved candidate's replay (agent/review/desk.py)
+                self.desk.finish(t)
+            elif t.rung == Rung.CONFIRM:
+                self._finish_confirm(t)
+            else:
+                self._finish_rung(t)
+
+    def _lost(self, run: tuple, number: int | None, lost: RunLost) -> RunResult | None:
+        """A lost run: sent again away from its node (None), left for the pause when the cluster is
+        gone (None: its trial is marked interrupted), or failed after being lost TRIES times."""
+        what = self.faults.lost(number, lost)
+        self.summary.worker_hours += lost.worker_s / 3600  # spent, though on no result
+        self.recorder.call(self.db.set_state, LOST_KEY, self.faults.snapshot())
+        self._note(self.faults.ran(lost.node, False))
+        if what == "again":
+            self.inflight[self.pool.submit(lost.spec, avoid=lost.node)] = run
+            return None
+        if what == "pause":
+            return None
+        return RunResult(Status.FAILED, seed=run[2], reason=f"its run was lost {TRIES} times, the last: {lost}")
+
+    def _note(self, text: str) -> None:
+        if text:
+            self.live.note(text)
+            self.recorder.call(self.db.set_state, LOST_KEY, self.faults.snapshot())
+
+    def _watch_cluster(self) -> bool:
+        """Capacity follows the cluster (unless --workers fixed it); False when the cluster is lost."""
+        fits = self.faults.check()
+        if self.faults.lost_reason:
+            return False
+        if fits is not None and fits != self.capacity and not self.settings.workers:
+            self.live.note(f"the cluster fits {fits} run(s) at once now (was {self.capacity})")
+            self.capacity = fits
+        return True
 
     # --- what a finished batch means
     def _finish_baseline(self, t: Trial) -> None:
@@ -369,6 +422,7 @@ class Search:
         if r.fdr:
             self.fdr = judge.OnlineFDR.from_dict(r.fdr)
         self.summary.guarantee = self.fdr.guarantee
+        self.faults.restore(self.db.get_state(LOST_KEY, None))
         n_seeds = max(self.settings.seeds, min(self.settings.max_seeds, self.capacity // 2))
         for fid in self.baseline_fidelities():
             if fid not in self.baselines:  # workers that would idle for the baseline measure it with more seeds
@@ -411,6 +465,9 @@ class Search:
                     self.meter.iteration(t_iter, free, free > 0 and not any(self._runnable(t) for *_, t in self.queue))
                     if self.recorder.error is not None:
                         self.recorder.flush()  # raises the failed write
+                    if not self._watch_cluster():
+                        self.summary.stopped_by = self.faults.paused_line()
+                        break
                     hit = self._budget_hit()
                     if hit == "minutes" and not self._draining():
                         self.summary.stopped_by = hit
@@ -428,7 +485,8 @@ class Search:
         return self.summary
 
     def _stop(self) -> None:
-        self.pool.stop(list(self.inflight))
+        if not self.faults.lost_reason:  # a lost cluster has no runs left to stop, and no one to ask
+            self.pool.stop(list(self.inflight))
         for t in {id(t): t for t in self.open.values()}.values():  # resumed later from where they stood
             for number in (t.number, t.base_number if t.rung == Rung.CONFIRM else None):
                 if number is not None:

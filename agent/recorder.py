@@ -100,7 +100,7 @@ def _keep(view: dashboard.CandidateView, fn: Callable[..., Any], *args: Any) -> 
         log.warning("candidate view %s: %s: %s (caught up at the next write)", view.name, type(e).__name__, e)
 
 
-def record_run(db: RunsDB, number: int, result: RunResult, log_text: str) -> None:
+def record_run(db: RunsDB, number: int, result: RunResult, log_text: str | None) -> None:
     db.save_run(number, result, log_text=log_text)
     run_dir = Path(result.log).parent
     if run_dir.name.startswith(f"t{number}-") and run_dir.is_dir():

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from agent.faults import LOST_KEY, summary_line
 from agent.names import Verdict
 from agent.resume import FDR_KEY
 from agent.settings import LADDER
@@ -78,7 +79,7 @@ def status_dict(db: RunsDB) -> dict[str, Any]:
             "baseline": baseline, "best": best_trial(rows), "leading": leading_trial(rows), "guarantee": guarantee,
             "confirmed": sum(1 for r in rows if r.get("verdict") == Verdict.PASS),
             "rejected": sum(1 for r in rows if r.get("verdict") == Verdict.FAIL and r["fidelity"] == "confirm"),
-            "trials": rows,
+            "trials": rows, "lost": db.get_state(LOST_KEY, None),
             "counts": {s: sum(1 for r in rows if r["state"] == s) for s in ("complete", "fail", "pruned", "running")}}
 
 
@@ -253,8 +254,10 @@ def counts_line(data: dict[str, Any]) -> str:
     rows = data["trials"]
     base = sum(1 for r in rows if r["proposer"] == "baseline")
     c = data["counts"]
-    return (f"trials: {len(rows)} ({base} of the base): {c['complete']} complete, {c['fail']} failed, "
+    line = (f"trials: {len(rows)} ({base} of the base): {c['complete']} complete, {c['fail']} failed, "
             f"{c['pruned']} pruned, {c['running']} running")
+    lost = summary_line(data.get("lost"))  # the cluster's faults, apart from the candidates'
+    return f"{line}\n{lost}" if lost else line
 
 
 def print_status(data: dict[str, Any], console: Console) -> None:

@@ -1,9 +1,11 @@
 """Resume: rebuild every candidate's Trial from the runs database and return what the loop needs.
 
 A new search finds the database empty and gets an empty `Restored`. Trials a dead controller left
-running are marked failed ("interrupted") and their rung runs again; a candidate whose last rung
-ended carries on to the rung recorded with it (`next`), or stays ended with its verdict and reward;
-a commit that never started a trial starts at smoke.
+running are marked failed ("interrupted") and their rung runs again, reusing the runs that had
+finished inside it (`Trial.carried`); interrupted trials do not count against `budget_trials`. A
+candidate whose last rung ended carries on to the rung recorded with it (`next`), or stays ended
+with its verdict and reward; a commit that never started a trial starts at smoke. Every git note
+is written again from the study: notes are derived data, and a crash may have lost the last ones.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from agent.candidates import Record
 from agent.names import SEARCH_PROPOSERS, Rung, Verdict, Who
 from agent.proposal import Proposal
-from agent.trial import Trial
+from agent.trial import BASE, CANDIDATE, Trial
 from runs_db.db import RunsDB
 from search_space.judge import fresh_seeds
 from search_space.records import RunResult, Status
@@ -52,6 +54,7 @@ def restore(db: RunsDB, fidelities: list[str], first_batch: int) -> Restored:
     for t in db.stale_running():
         db.mark_failed(t.number, INTERRUPTED)
         out.interrupted += 1
+    db.refresh_notes()
     trials = db.trials()
     out.next_number = max((t.number for t in trials), default=-1) + 1
     out.fdr = db.get_state(FDR_KEY, None)
@@ -92,6 +95,7 @@ def restore(db: RunsDB, fidelities: list[str], first_batch: int) -> Restored:
         if last.state == "fail" and last.attrs.get("reason") == INTERRUPTED:
             trial.alpha = last.attrs.get("alpha")  # confirm keeps the level it was given; it starts over
             _queue_at(trial, last.fidelity, first_batch, tuple(last.attrs.get("seeds") or (0,)))
+            _carry(db, trial, last, trials, first_batch)
             out.continuing.append(trial)
         elif nxt:
             _queue_at(trial, nxt, first_batch, (0,))
@@ -101,15 +105,53 @@ def restore(db: RunsDB, fidelities: list[str], first_batch: int) -> Restored:
             out.ended.append(trial)
     for commit, parent, title, proposer in db.candidates():
         if commit not in by_commit and proposer in SEARCH_PROPOSERS:  # committed, then the controller died
-            out.continuing.append(Trial(commit, parent, title, proposer))
-    out.candidates = sum(len(ts) for ts in by_commit.values())
+            model = _trailer(db.message(commit), "Model") if proposer == Who.LLM else None
+            # its arm, as the loop names them: the bandit is rewarded when it ends (counts = candidates ended)
+            arm = (f"llm:{model}" if model else None) if proposer == Who.LLM else proposer
+            out.continuing.append(Trial(commit, parent, title, proposer, model, arm=arm))
+    out.candidates = sum(1 for ts in by_commit.values() for t in ts if counted(t))
     return out
+
+
+def counted(t) -> bool:
+    """Whether a candidate's study trial counts against `budget_trials`: not one cut off by a stop
+    or a crash (its rung runs again, and that trial counts)."""
+    return t.state != "running" and not (t.state == "fail" and t.attrs.get("reason") == INTERRUPTED)
+
+
+def counted_trials(db: RunsDB) -> int:
+    """The candidate study trials a search has spent of its `budget_trials`."""
+    return sum(1 for t in db.trials() if t.proposer in SEARCH_PROPOSERS and t.commit != db.base_commit
+               and counted(t))
+
+
+def _carry(db: RunsDB, trial: Trial, last, trials: list, first_batch: int) -> None:
+    """The runs that had finished inside the interrupted rung `last`, for the rung run again: the
+    candidate's, and at confirm its paired baseline runs (the batch grows to cover every finished
+    pair, in the order the seeds are drawn)."""
+    kept = {(CANDIDATE, r.seed): r for r in db.runs(last.number)}
+    if last.fidelity == Rung.CONFIRM:
+        base = next((t for t in trials if t.attrs.get("pairs_for") == last.number), None)
+        if base is not None:
+            kept.update({(BASE, r.seed): r for r in db.runs(base.number)})
+        order = fresh_seeds(trial.commit, "confirm", 0, first_batch + 256)  # past the first batch: later looks
+        n = max([len(trial.batch)] + [order.index(s) + 1 for _, s in kept if s in order])
+        trial.batch = tuple(order[:n])
+    trial.carried = {k: r for k, r in kept.items() if k[1] in trial.batch}
 
 
 def _queue_at(trial: Trial, rung: str, first_batch: int, seeds: tuple[int, ...]) -> None:
     trial.rung, trial.number = rung, None
     trial.numbers.pop(rung, None)
     trial.batch = tuple(fresh_seeds(trial.commit, "confirm", 0, first_batch)) if rung == Rung.CONFIRM else seeds
+
+
+def _trailer(message: str, key: str) -> str | None:
+    """A `Key: value` trailer of a candidate's commit message (RunsDB.commit_candidate writes them)."""
+    for line in reversed(message.strip().splitlines()):
+        if line.startswith(f"{key}: "):
+            return line[len(key) + 2:].strip() or None
+    return None
 
 
 def _num(x: Any) -> float:

@@ -12,9 +12,16 @@ from rich.console import Console
 
 from agent.live import Live
 from agent.loop import Search, Summary
-from agent.names import SEARCH_PROPOSERS
-from agent.preflight import check_access, first_line
+from agent.preflight import (
+    AUTH_HINT,
+    check_access,
+    check_node_gpus,
+    first_line,
+    is_auth_refusal,
+    joins_started_cluster,
+)
 from agent.proposal import Proposer
+from agent.resume import counted_trials
 from agent.settings import SearchSettings
 from env.pool import Pool
 from runs_db.db import RunsDB
@@ -24,13 +31,14 @@ from search_space.target import Target, load_target
 from search_space.targets import BUILTINS
 
 
-def open_search(dir: Path, settings: SearchSettings | None,
-                changes: dict[str, Any] | None = None) -> tuple[RunsDB, SearchSettings]:
+def open_search(dir: Path, settings: SearchSettings | None, changes: dict[str, Any] | None = None,
+                checked: bool = False) -> tuple[RunsDB, SearchSettings]:
     """A new search (settings given) or the one saved in `dir` (settings None: --resume, where
     `changes` are the options given again, e.g. new budgets; see SearchSettings.with_changes).
 
     Everything a user can get wrong is checked before the folder is made: the target, the
-    options, the API key, the Docker daemon and the Ray cluster's address (`check_access`).
+    options, the API key, the Docker daemon, the Ray cluster's address and the database
+    (`check_access`; `checked`: the caller has just done so).
     """
     if settings is None:
         return _resume(Path(dir), changes or {})
@@ -40,7 +48,8 @@ def open_search(dir: Path, settings: SearchSettings | None,
     if target.resources.gpus == 0 and "llm" not in settings.proposers and not target.knobs and not target.ideas_file:
         raise UserError(f"--proposers {','.join(settings.proposers)}: target {target.name} has no knobs and no "
                         "ideas; use --proposers llm")
-    check_access(settings)
+    if not checked:
+        check_access(settings, Path(dir), new=True)
     db = RunsDB.create(dir, settings.to_dict(), target, storage=settings.storage or None)
     return db, settings
 
@@ -51,9 +60,10 @@ def _resume(dir: Path, changes: dict[str, Any]) -> tuple[RunsDB, SearchSettings]
     db = RunsDB.open(dir)
     try:
         db.check_schema()  # an older search is refused with one line
-        saved = SearchSettings.from_dict(db.settings)
+        # The study's name as the database knows it (a search made before --study-name kept it only there).
+        saved = SearchSettings.from_dict({**db.settings, "study_name": db.study_name})
         if changes.get("budget_trials"):  # counted from the resume: "--budget-trials 2" is two more trials
-            done = sum(1 for t in db.trials() if t.proposer in SEARCH_PROPOSERS and t.commit != db.base_commit)
+            done = counted_trials(db)  # interrupted trials are not spent: their rung runs again
             changes = {**changes, "budget_trials": done + int(changes["budget_trials"])}
         settings = saved.with_changes(changes)
         check_access(settings)
@@ -113,30 +123,73 @@ def build_proposers(settings: SearchSettings, target: Target, db: RunsDB) -> dic
     return out
 
 
-def make_pool(settings: SearchSettings, target: Target, db: RunsDB, num_gpus: int | None = None) -> Pool:
+def make_pool(settings: SearchSettings, target: Target, where: RunsDB | Path, num_gpus: int | None = None) -> Pool:
+    """The Ray pool of a search whose folder is `where` (a RunsDB or the folder itself: the pool
+    may start before the folder is made). Without a cluster, a local one with this machine's
+    GPUs (`num_gpus` other than None: that many logical ones, as tests do)."""
     cpus = None
-    if not settings.ray_address and settings.workers:
+    own = not settings.ray_address and not joins_started_cluster()  # else the cluster's nodes say what they have
+    if own and settings.workers:
         cpus = max(os.cpu_count() or 1, settings.workers * target.resources.cpus)
+    if own and num_gpus is None:
+        from env.gpus import visible_gpus
+
+        num_gpus = len(visible_gpus())  # said to Ray: its own count may miss what nvidia-smi shows
+    folder = where.dir if isinstance(where, RunsDB) else Path(where)
     return Pool(settings.ray_address or None, num_cpus=cpus, num_gpus=num_gpus, sandbox=settings.sandbox,
-                run_root=Path(db.dir) / "runs")
+                run_root=Path(folder) / "runs")
+
+
+def start_pool(settings: SearchSettings, target: Target, where: RunsDB | Path, num_gpus: int | None = None) -> Pool:
+    """`make_pool`, with what can go wrong said in one line (UserError): a cluster that answers
+    but will not let us in (token auth) or is not healthy, a target that needs more GPUs per run
+    than any node has. Nothing of the search needs to exist yet."""
+    try:
+        pool = make_pool(settings, target, where, num_gpus)
+    except Exception as e:  # a cluster that answered on its port but is not (or not a healthy) Ray
+        if not settings.ray_address:
+            raise  # the local cluster failing to start is not the user's mistake: keep the traceback
+        hint = f"; {AUTH_HINT}" if is_auth_refusal(e) else ""
+        raise UserError(f"--ray-address {settings.ray_address}: cannot join the Ray cluster there "
+                        f"({first_line(e)}){hint}") from None
+    try:
+        check_node_gpus(target.resources.gpus, target.name,
+                        f"the cluster at {settings.ray_address}" if settings.ray_address else "the local pool")
+    except BaseException:
+        pool.shutdown()
+        raise
+    return pool
+
+
+def lost_database(e: BaseException, db: RunsDB) -> str | None:
+    """When `e` (or what it was raised from or during) is the runs database failing, the one line
+    that ends the search: which database, why, and that --resume goes on from what was recorded."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        module = type(e).__module__.split(".")[0]
+        if module in ("sqlalchemy", "psycopg2", "psycopg", "sqlite3"):
+            from runs_db.study import redact
+
+            reason = getattr(e, "orig", None) or e
+            where = redact(db.meta["storage"]) if db.meta.get("storage") else str(Path(db.dir) / "study.db")
+            return (f"the runs database {where} failed ({first_line(reason)}); the search stopped, its recorded "
+                    f"trials are kept: `speedsearch launch --dir {db.dir} --resume` goes on once it answers")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def run_search(db: RunsDB, settings: SearchSettings, console: Console | None = None, pool: Pool | None = None,
-               live: Live | None = None) -> Summary:
+               live: Live | None = None, own_pool: bool | None = None) -> Summary:
+    """Run the search to its end. A pool given is the caller's (`own_pool`: this ends it anyway)."""
     target = load_target(settings.target)
     proposers = build_proposers(settings, target, db)
     live = live or Live(enabled=console is not None, console=console, title=f"speedsearch: {target.name}")
     if console is not None:
         print_header(console, target, settings)
-    own_pool = pool is None
+    own_pool = pool is None if own_pool is None else own_pool
     if pool is None:
-        try:
-            pool = make_pool(settings, target, db)
-        except Exception as e:  # a cluster that answered on its port but is not (or not a healthy) Ray
-            if not settings.ray_address:
-                raise  # the local cluster failing to start is not the user's mistake: keep the traceback
-            raise UserError(f"--ray-address {settings.ray_address}: cannot join the Ray cluster there "
-                            f"({first_line(e)})") from None
+        pool = start_pool(settings, target, db)
     try:
         return Search(db, target, settings, pool, proposers, live=live).run()
     finally:

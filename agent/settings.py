@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -12,6 +13,8 @@ from search_space.judge import MAX_PAIRS, MIN_PAIRS
 __all__ = ["LADDER", "RESUMABLE", "SANDBOXES", "SearchSettings", "option"]
 
 SANDBOXES = ("process", "docker")
+# A study name: the search's Optuna study, and two beside it (`<name>-knobs`, `<name>-candidates`).
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PROPOSERS = ("ideas", "knobs", "llm")
 # What `--resume` may change: how long and how wide the search goes on, never what it measures or
 # how it judges (a new target, sandbox or rule would mix incomparable results in one search).
@@ -41,7 +44,9 @@ class SearchSettings:
     storage: str = ""  # empty: sqlite in the search folder
     ray_address: str = ""
     sandbox: str = "process"
-    study: str = "speedsearch"
+    # The Optuna study's name: several searches share one PostgreSQL database (--storage) under
+    # different names. Saved in search.toml, so resume, status, show, replay and export find it.
+    study_name: str = "speedsearch"
     models: str = "claude-sonnet-4-6"  # "model" or "model:weight,model:weight"
     seed: int = 0  # the policy's random seed
     min_speedup: float = 1.0  # a rung is passed when the candidate beats the baseline by this ratio
@@ -73,6 +78,9 @@ class SearchSettings:
         if self.seeds < 1 or self.max_seeds < max(self.seeds, MIN_PAIRS):
             raise UserError(f"--seeds {self.seeds} (max_seeds {self.max_seeds}): need 1 <= seeds <= max_seeds "
                             f"and max_seeds >= {MIN_PAIRS} (the fewest pairs confirmation judges)")
+        if not isinstance(self.study_name, str) or not STUDY_NAME.fullmatch(self.study_name):
+            raise UserError(f"--study-name {self.study_name!r}: use 1 to 100 letters, digits, '.', '_' or '-' "
+                            "(starting with a letter or digit)")
         if not self.min_speedup > 0:
             raise UserError(f"min_speedup {self.min_speedup}: must be positive")
         self.model_weights()  # refuses a malformed --models

@@ -48,6 +48,8 @@ class Trial:
     reason: str = ""
     won: bool = False  # improved on its parent (set with the verdict)
     worker_s: float = 0.0  # every run of the current rung (both roles)
+    # runs that had finished inside an interrupted rung, (role, seed) -> result: a resume reuses them
+    carried: dict[tuple[str, int], RunResult] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
     # --- what it is

@@ -402,6 +402,12 @@ class RunsDB:
                 self._by_commit.setdefault(t.commit, []).append(t.number)
         return self._by_commit.setdefault(commit, [])
 
+    def refresh_notes(self) -> None:
+        """Write every commit's note again from its trials (a crash may have lost the last ones)."""
+        self._trials_of(self.base_commit)  # builds the commit -> trials index
+        for commit in list(self._by_commit or {}):
+            self._refresh_note(commit)
+
     def _refresh_note(self, commit: str) -> None:
         """Rewrite the commit's note from its trials (written by a background thread)."""
         lines = []

@@ -34,6 +34,9 @@ STATES = {"complete": TrialState.COMPLETE, "fail": TrialState.FAIL, "pruned": Tr
 # 1: before it was recorded. 2: one Trial per candidate: `next`, `verdict`, `won`, `arm`, `score`,
 #    `speedup_text`, confirm's paired baseline trials (`pairs_for`), the online FDR state.
 SCHEMA_VERSION, SCHEMA_KEY = 2, "schema"
+# Studies a search makes beside its own, named after it: the knobs sampler's (agent/runner.py) and
+# the candidate view (runs_db/dashboard.py SUFFIX).
+COMPANIONS = ("-knobs", "-candidates")
 
 
 class StudyError(RuntimeError):
@@ -133,12 +136,18 @@ class Study:
         self.url, self.name = storage_url, name
         if create and storage_url.startswith("sqlite:///"):
             _new_sqlite_file(Path(storage_url[len("sqlite:///"):]))
+        # A server that is gone answers within seconds, not at the TCP timeout; a connection
+        # that dropped while idle is replaced rather than failing the next write.
+        engine_kwargs = ({"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
+                         if storage_url.startswith("postgres") else None)
         try:
-            self.storage = optuna.storages.RDBStorage(driver_url(storage_url))
+            self.storage = optuna.storages.RDBStorage(driver_url(storage_url), engine_kwargs=engine_kwargs)
             if storage_url.startswith("sqlite"):
                 _fast_sqlite(self.storage.engine)
-        except Exception as e:  # sqlalchemy and driver errors: say which storage
-            raise StudyError(f"storage {_redact(storage_url)}: cannot open: {e}") from e
+        except Exception as e:  # sqlalchemy and driver errors: say which storage, in one line
+            reason = getattr(e, "orig", None) or e
+            first = (str(reason).strip().splitlines() or [type(reason).__name__])[0]
+            raise StudyError(f"storage {redact(storage_url)}: cannot open: {first}") from e
         try:
             if create:
                 self.study = optuna.create_study(storage=self.storage, study_name=name, direction="minimize")
@@ -146,11 +155,11 @@ class Study:
                 self.study = optuna.load_study(study_name=name, storage=self.storage)
         except optuna.exceptions.DuplicatedStudyError:
             self.close()
-            raise StudyError(f"study {name!r} already exists in {_redact(storage_url)}; "
-                             "set another study_name or resume that search") from None
+            raise StudyError(f"study {name!r} already exists in {redact(storage_url)}; "
+                             "give this search another --study-name, or resume that search") from None
         except KeyError:
             self.close()
-            raise StudyError(f"study {name!r} not found in {_redact(storage_url)}") from None
+            raise StudyError(f"study {name!r} not found in {redact(storage_url)}") from None
         self._id = self.study._study_id
         self._results: set[int] = set()  # trials given a RESULT attr by this process
 
@@ -159,7 +168,14 @@ class Study:
         self.storage.engine.dispose()
 
     def delete(self) -> None:
+        """This study and the ones made beside it (the knobs sampler's, the candidate view), so a
+        discarded search leaves its name free in a shared database."""
         optuna.delete_study(study_name=self.name, storage=self.storage)
+        for suffix in COMPANIONS:
+            try:
+                optuna.delete_study(study_name=self.name + suffix, storage=self.storage)
+            except KeyError:  # never made
+                pass
 
     # -- trials ------------------------------------------------------------------------------
 
@@ -313,7 +329,7 @@ def driver_url(url: str) -> str:
     return f"postgresql://{rest}"
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """The URL without its password, for messages."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)

@@ -101,11 +101,22 @@ def test_unknown_target_keys_are_refused_with_the_nearest_name(toy: Path, tmp_pa
     (("--sandbox", "docker"), {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}, ("--sandbox docker", "Docker")),
     (("--ray-address", "127.0.0.1:1"), {}, ("--ray-address 127.0.0.1:1", "unreachable")),
     (("--ray-address", "no-port"), {}, ("--ray-address no-port",)),
+    ((), {"RAY_ADDRESS": "127.0.0.1:1"}, ("--ray-address 127.0.0.1:1", "unreachable")),  # Ray's own variable
+    (("--storage", "postgresql://nobody@127.0.0.1:1/none"), {}, ("--storage", "127.0.0.1:1", "does not answer")),
+    (("--storage", "not a url"), {}, ("--storage not a url", "not a database URL")),
+    (("--study-name", "two words"), {}, ("--study-name 'two words'",)),
 ])
 def test_launch_refuses_before_making_the_folder(toy: Path, tmp_path: Path, args, env, words):
     d = tmp_path / "new" / "search"
     refused(cli("launch", "--dir", str(d), "--target", str(toy), *args, env=env), *words)
     assert not d.exists() and not d.parent.exists() and branches(toy) == ["main"]
+
+
+def test_replay_refuses_an_unreachable_cluster(tmp_path: Path):
+    refused(cli("replay", "--dir", str(tmp_path / "s"), "--commit", "abc", "--ray-address", "127.0.0.1:1"),
+            "--ray-address 127.0.0.1:1", "unreachable")
+    refused(cli("replay", "--dir", str(tmp_path / "s"), "--commit", "abc", env={"RAY_ADDRESS": "127.0.0.1:1"}),
+            "--ray-address 127.0.0.1:1", "unreachable")
 
 
 def test_launch_into_an_existing_search_and_resume_of_nothing(toy: Path, tmp_path: Path):
@@ -128,6 +139,7 @@ def test_launch_into_an_existing_search_and_resume_of_nothing(toy: Path, tmp_pat
     (("--patch", "/nonexistent.patch"), ("--patch /nonexistent.patch",)),
     (("--gpus", "-1"), ("--gpus -1",)),
     (("--seed", "x"), ("--seed",)),
+    (("--ray-address", "127.0.0.1:1"), ("--ray-address 127.0.0.1:1", "unreachable")),
 ])
 def test_evaluate_refuses(toy: Path, tmp_path: Path, args, words):
     target = () if args[0] == "--target" else ("--target", str(toy))
