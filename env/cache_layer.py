@@ -15,8 +15,6 @@ Where no overlay can be mounted (no privilege), the run gets an empty cache of i
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import importlib.metadata
 import os
@@ -24,9 +22,9 @@ import re
 from pathlib import Path
 
 from env.namespaces import CACHE_LAYERS
+from env.volume import overlay_mount
 from search_space.target import cache_dir
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 SUBDIRS = ("inductor", "triton")
 
 
@@ -63,8 +61,7 @@ def mount_reader(lower: Path, scratch: Path, owner: tuple[int, int] | None) -> t
         folder.mkdir(parents=True, exist_ok=True)
     if owner is not None:
         os.chown(upper, *owner)  # the merged folder's root takes the upper layer's owner
-    options = f"lowerdir={lower},upperdir={upper},workdir={work}".encode()
-    if _libc.mount(b"overlay", str(merged).encode(), b"overlay", 0, options) == 0:
+    if overlay_mount(lower, upper, work, merged):
         return merged, "overlay"
     for sub in SUBDIRS:
         (merged / sub).mkdir(exist_ok=True)

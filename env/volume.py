@@ -36,6 +36,13 @@ def bind_mount(source: Path, target: Path) -> None:
         raise OSError(err, f"bind mount {source} on {target}: {os.strerror(err)}")
 
 
+def overlay_mount(lower: Path, upper: Path, work: Path, target: Path) -> bool:
+    """Mount an overlay of `lower` (read-only) and `upper` (its writes) at `target`; False when the
+    kernel refuses (no privilege, no overlayfs)."""
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}".encode()
+    return _libc.mount(b"overlay", str(target).encode(), b"overlay", 0, options) == 0
+
+
 def unmount(path: Path) -> None:
     """Unmount `path`; if it is still busy, detach it now (freed when its last user goes)."""
     if _libc.umount2(str(path).encode(), 0) == 0:
