@@ -12,6 +12,8 @@ from search_space.errors import UserError
 from search_space.target import Target, cache_dir, load_target
 from search_space.targets import BUILTINS
 
+EXIT_PAUSED = 75  # the cluster was lost: the search is paused, not finished (`--resume` goes on)
+
 
 def _target(spec: str) -> Target:
     """The target named by `--target`; a bad one raises TargetError, which `guard` prints as one line."""
@@ -278,6 +280,10 @@ def launch(
                 console.print(f"nothing was recorded: removed the new search in {dir}")
                 raise KeyboardInterrupt
             _summary(db, summary, as_json)
+        if summary.stopped_by.startswith("paused"):  # the last line says why, and the exit code that it paused
+            if not as_json:
+                console.print(summary.stopped_by, markup=False, soft_wrap=True)
+            raise typer.Exit(EXIT_PAUSED)
         if interrupted:  # the summary is out (the one JSON object with --json); Ctrl-C still exits 130
             console.print("interrupted")
             raise typer.Exit(130)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import shutil
 import socket
 import threading
 import time
@@ -127,14 +128,14 @@ def _run(spec: RunSpec, sandbox_name: str, run_root: str, warm: bool = True, boa
         board.started.remote(key, ctx.get_node_id(), started)  # the controller's answer if this run is lost
     gpu_ids = tuple(str(g) for g in ctx.get_accelerator_ids().get("GPU", []))
     spec = replace(spec, gpu_ids=gpu_ids or spec.gpu_ids)
-    run_root = run_root_here(spec, run_root)  # not the controller's folder on another node (env/source.py)
+    here = run_root_here(spec, run_root)  # not the controller's folder on another node (env/source.py)
     slot = "gpu" + "-".join(gpu_ids) if gpu_ids else f"cpu-{os.getpid()}"
     cancel = threading.Event()
     box: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            box["result"] = evaluate(spec, _sandbox(sandbox_name, spec.target.docker_image, warm), Path(run_root),
+            box["result"] = evaluate(spec, _sandbox(sandbox_name, spec.target.docker_image, warm), Path(here),
                                      cancel=cancel)
         except BaseException as e:  # handed to the task's thread below
             box["error"] = e
@@ -161,6 +162,9 @@ def _run(spec: RunSpec, sandbox_name: str, run_root: str, warm: bool = True, boa
     result = box["result"]
     log = Path(result.log)
     text = log.read_text(errors="replace")[-LOG_CHARS:] if log.exists() else ""
+    if here != run_root and log.parent.parent == Path(here):
+        # Another node's folder: the log goes back by value and the controller never sees this path.
+        shutil.rmtree(log.parent, ignore_errors=True)
     node = ctx.get_node_id()
     return Finished(result, text, f"{node[:12]}/{slot}", started, time.time(), node)
 

@@ -366,6 +366,8 @@ def test_a_lost_cluster_pauses_the_search_and_resume_goes_on(cluster: Cluster, t
             proc.kill()
     out = out.text()
     assert "paused: the Ray cluster was lost" in out and "resume with --resume" in out, out[-4000:]
+    assert proc.returncode == 75, (proc.returncode, out[-4000:])  # paused, not done: a script can tell
+    assert out.strip().splitlines()[-1].startswith("paused: the Ray cluster was lost"), out[-1000:]
     trials, _ = _state(tmp_path / "search")
     assert all(t.state != "running" for t in trials)  # open trials were marked interrupted
     lost_words = ("Died", "Crashed", "lost", "Raylet", "Unavailable")
