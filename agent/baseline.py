@@ -107,6 +107,16 @@ class Baselines:
         self.now[fid], self.target_loss[fid] = b, b.target_loss
         return b
 
+    def spread(self, fid: str) -> float:
+        """The sd of the log time to the target over the base's recent runs at `fid`: how much the
+        machine's load moves one run (0 for objectives that load cannot move, or too few runs)."""
+        b = self.now.get(fid)
+        if b is None or b.kind != "time_to_target":
+            return 0.0
+        obs = [judge.run_objective(b.kind, r.curve, b.target_loss) for r in self.runs.get(fid, [])[-WINDOW:]]
+        logs = [math.log(o.value) for o in obs if o is not None and not o.censored and o.value > 0]
+        return statistics.stdev(logs) if len(logs) >= 3 else 0.0
+
     def seeds(self, fid: str, n: int) -> tuple[int, ...]:
         """`n` base seeds at `fid` not used before."""
         first = self.next_seed.get(fid, 0)

@@ -18,6 +18,7 @@ from rich.text import Text
 
 from agent.cli_io import app, emit, guard, out
 from search_space.errors import UserError
+from search_space.guard import GuardCheck
 from search_space.records import RunResult
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -136,6 +137,8 @@ def render(d: dict[str, Any], diff: str) -> None:
         if st["mean_final_loss"] is not None:
             say(f"  speedrun rule: mean final loss {st['mean_final_loss']:.4f} < {st['target_loss']:.4f}: "
                 f"p = {_p(st['speedrun_pvalue'])}")
+        for g in st.get("guards") or []:
+            say(f"  {GuardCheck.from_dict(g).text()}")
         if st["lost"] or st["untrusted"]:
             say(f"  {st['lost']} seed(s) without a usable pair; {st['untrusted']} untrusted run(s)")
     if not d["statistics"]:
@@ -159,6 +162,11 @@ def render(d: dict[str, Any], diff: str) -> None:
                       f"{b['val_loss']:.4f}" if b.get("val_loss") is not None else "-",
                       _objective(kind, b.get("objective")), pair)
     out.print(seeds)
+    for r in d["seeds"]:  # guard scores (search_space/guard.py), measured on the host for every run
+        for name, v in (r.get("guards") or {}).items():
+            base = ((r.get("base") or {}).get("guards") or {}).get(name)
+            say(f"  trial {r['trial']} seed {r['seed']}: guard {name} {v:.4f}"
+                + (f" (base {base:.4f})" if base is not None else ""))
     if kind != "loss_at_budget":
         say("loss: final validation loss; to target: time (or steps) to the loss its trial was judged at ('>': "
             "never reached it); pair: base / candidate for that seed")

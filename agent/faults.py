@@ -2,7 +2,9 @@
 
 A run lost with its worker or node (env.pool.RunLost) is the cluster's failure: the loop sends it
 again, away from the node it was lost on, and the attempt is counted here (its worker-seconds, the
-node, the error), in the study state `LOST_KEY` that `status` reads. A node where run after run is
+node, the error), in the study state `LOST_KEY` that `status` reads. A run of a target with
+`[checkpoint]` continues from its last saved state rather than from zero (env/run_state.py: the
+pool keeps it on the controller, by value, keyed by the run). A node where run after run is
 lost or fails while the others succeed is quarantined: no run goes there any more. A cluster with
 no node left that fits a run, or whose GCS is gone, pauses the search (`--resume` goes on).
 """

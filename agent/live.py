@@ -17,6 +17,8 @@ from rich.live import Live as RichLive
 from rich.table import Table
 from rich.text import Text
 
+from env.run_progress import progress_line, progress_rows
+
 ROWS = 18
 STYLE = {"ok pass": "bold green", "ok": "green", "failed": "red", "invalid": "magenta", "timeout": "red",
          "pruned": "yellow", "running": "cyan"}
@@ -35,6 +37,7 @@ class Live:
         self.notes: list[str] = []
         self.best_text = "nothing confirmed yet"
         self.header = ""
+        self.progress: list[str] = []
         self._live: RichLive | None = None
         self._last = 0.0
 
@@ -85,6 +88,8 @@ class Live:
         self.header = (f"{(now - search.started) / 60:5.1f} min | trials {s.trials} | running "
                        f"{len(search.inflight)}/{search.capacity} | proposing {len(search.ahead.futures)} | "
                        f"queued {len(search.queue)} | LLM ${s.dollars:.2f}")
+        db = getattr(search, "db", None)  # long runs: epoch k of n and an ETA (env/run_progress.py)
+        self.progress = [progress_line(r) for r in progress_rows(db.dir)] if db is not None else []
         lost = getattr(search, "faults", None)
         if lost is not None and lost.state["runs"]:  # runs lost with their node: sent again, not failures
             self.header += f" | lost runs {lost.state['runs']} (sent again)"
@@ -100,5 +105,6 @@ class Live:
                           Text(row["status"], style=STYLE.get(row["status"], STYLE.get(row["status"].split()[0], ""))),
                           f"{loss:.4f}" if loss is not None and math.isfinite(loss) else "-",
                           fmt_speedup(row.get("speedup")))
-        return Group(Text(self.header), table, Text(f"best confirmed: {self.best_text}", style="bold"),
+        return Group(Text(self.header), table, *[Text(p) for p in self.progress],
+                     Text(f"best confirmed: {self.best_text}", style="bold"),
                      *[Text(n, style="dim") for n in self.notes])

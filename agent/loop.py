@@ -1,16 +1,22 @@
 """The search loop: scheduling only. Keep every worker busy, record results as they arrive.
 
-Proposals (an LLM call takes tens of seconds) run ahead of evaluations in a thread pool; runs go
-to the Ray pool one seed at a time. Each candidate is one `Trial` from proposal to verdict; what
-happens after a rung is decided in `agent.ladder`, what each learner is told in `agent.reward`,
-and `agent.resume` rebuilds the trials from the runs database after any crash.
+Proposals (an LLM call takes tens of seconds) run ahead of evaluations in a thread pool. A started
+batch's runs wait in `ready`, in priority order, and go to Ray only when a worker is free for them
+(Ray would otherwise queue them first come, first served, and a second confirmation's pairs would
+hold the workers that the first needs to finish); a pair (a candidate run and its base partner)
+goes only when two workers are free, so its two runs share one window of the machine's load.
+Each candidate is one `Trial` from proposal to verdict; what happens after a rung is decided in
+`agent.ladder`, what each learner is told in `agent.reward`, and `agent.resume` rebuilds the
+trials from the runs database after any crash.
 """
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from agent import ladder, reward
 from agent.ahead import Ahead
@@ -51,13 +57,15 @@ class Search:
         self.policy.load(db.get_state(STATE_KEY, None))
         self.candidates = Candidates(db, target)
         self.live = live or Live(enabled=False)
-        self.capacity = settings.workers or pool.capacity(target.resources.cpus, target.resources.gpus)
+        self.capacity = settings.workers or pool.capacity(target.resources.cpus, target.resources.ray_gpus)
         # lost runs, sick nodes, the cluster's size and its loss (agent/faults.py)
-        self.faults = Faults(pool, target.resources.cpus, target.resources.gpus)
+        self.faults = Faults(pool, target.resources.cpus, target.resources.ray_gpus)
         self.queue: list[tuple[int, int, Trial]] = []
         self.stranded: list[Trial] = []  # left waiting when the budget ran out (a resume takes them on)
         self.counter = itertools.count()
         self.inflight: dict = {}  # ObjectRef -> (trial, role, seed)
+        # runs of started batches not yet sent: (key, n, group); a group is one run, or a pair sent together
+        self.ready: list[tuple[tuple, int, list]] = []
         self.drain_noted = False
         self.open: dict[int, Trial] = {}  # study trial number -> its Trial, while a batch runs
         self.trials: dict[str, Trial] = {}  # commit -> candidate
@@ -67,6 +75,8 @@ class Search:
         self.meter = Meter()
         self.started = time.time()
         self.recorder = Recorder()
+        self.teller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tell")  # see _tell
+        self.told: collections.deque[Future] = collections.deque()
         attach_view(db, target)  # optuna-dashboard's view: one trial per candidate
         self.next_number = 0  # Optuna numbers trials 0, 1, 2, ... in the order this loop starts them
         self.ahead = Ahead(self.policy, proposers, self.candidates, self.live, max(2, min(8, self.capacity + 1)))
@@ -104,26 +114,59 @@ class Search:
     def _proposer(self, arm_or_who: str) -> Proposer:
         return self.ahead.proposer(arm_or_who)
 
+    def _tell(self, arm_or_who: str, proposal, outcome) -> None:
+        """Tell a proposer, on the one `tell` thread (in order): a proposer's tell can wait on its
+        own lock while a proposal thread asks it for the next one (the knobs sampler's Optuna ask),
+        and the main thread must not, or finished runs wait to be picked up (bench/loop.py)."""
+        self.told.append(self.teller.submit(self._proposer(arm_or_who).tell, proposal, outcome))
+
+    def _told(self, wait: bool = False) -> None:
+        """Surface a failed tell (a proposer's bug ends the search, as it did when told inline)."""
+        while self.told and (wait or self.told[0].done()):
+            self.told.popleft().result()
+
     def _collect_proposals(self) -> None:
         for arm, parent, proposal in self.ahead.collect():
             self.summary.dollars += proposal.cost.dollars
             changes, why = self.candidates.accept(proposal)
             if changes is None:
                 self.live.note(f"rejected {proposal.title[:60]}: {why}")
-                self._proposer(arm).tell(proposal, rejected(proposal, why))
+                self._tell(arm, proposal, rejected(proposal, why))
                 continue
             self.push(Trial("", parent, proposal.title, proposal.proposer, proposal.model, arm, proposal, changes))
 
     # --- runs
     def _dispatch(self) -> None:
+        """Fill free workers: ready runs first (in priority order), a queued trial's batch is started
+        only when it outranks them. A pair waits at the head until two workers are free (strict
+        order: nothing of lower priority overtakes it). Past the minutes budget only confirmations
+        run (the drain)."""
         if self.faults.lost_reason:  # nothing goes to a lost cluster (the search pauses)
             return
         blocked = []
-        while self.queue and len(self.inflight) < self.capacity:
+        draining = self._budget_hit() == "minutes"
+        while len(self.inflight) < self.capacity:
+            if self.ready and (not self.queue or self.ready[0][0][0] <= self.queue[0][0]):
+                group = self.ready[0][2]
+                if draining and (group[0][0].is_baseline or group[0][0].rung != Rung.CONFIRM):
+                    heapq.heappop(self.ready)  # its trial stays open: marked interrupted at the stop
+                    continue
+                if self.capacity - len(self.inflight) < min(len(group), self.capacity):
+                    break
+                heapq.heappop(self.ready)
+                for t, role, seed, spec in group:
+                    ref = self.pool.submit(spec)
+                    self.inflight[ref] = (t, role, seed)
+                    self.meter.sent[ref] = time.time()
+                continue
+            if not self.queue:
+                break
             item = heapq.heappop(self.queue)
             t = item[2]
             if not self._runnable(t):
                 blocked.append(item)
+                continue
+            if draining and t.is_baseline:  # a refresh helps no confirmation now
                 continue
             t0 = time.perf_counter()
             new_trial = not t.is_baseline and t.number is None
@@ -134,7 +177,7 @@ class Search:
                 commit, why = self.candidates.commit(t.proposal, t.changes)
                 if commit is None:
                     self.live.note(f"rejected {t.title[:60]}: {why}")
-                    self._proposer(t.who).tell(t.proposal, rejected(t.proposal, why))
+                    self._tell(t.who, t.proposal, rejected(t.proposal, why))
                     continue
                 t.commit, t.changes = commit, None
             if new_trial:
@@ -144,13 +187,22 @@ class Search:
         for item in blocked:
             heapq.heappush(self.queue, item)
 
+    def _screen_paired(self, t: Trial) -> bool:
+        """Does this screening rung run beside a base partner? (agent.ladder.screen_paired)"""
+        fid = run_fidelity(t.rung)
+        return (not t.is_baseline and t.rung in (Rung.SHORT, Rung.FULL) and fid in self.baselines
+                and ladder.screen_paired(self.baselines.spread(fid), self.capacity))
+
     def _new_number(self) -> int:
         n, self.next_number = self.next_number, self.next_number + 1
         return n
 
     def _start(self, t: Trial) -> int:
-        fid, paired = run_fidelity(t.rung), t.rung == Rung.CONFIRM
-        if t.number is None:  # a new rung: a new study trial (confirm: two, the candidate's and its baseline's)
+        """Open the batch's study trial(s) and put its runs in `ready`; `_dispatch` sends them."""
+        fid = run_fidelity(t.rung)
+        if t.number is None:  # a new rung: a new study trial (paired: two, the candidate's and its baseline's)
+            t.base_number = None
+            paired = t.rung == Rung.CONFIRM or self._screen_paired(t)
             attrs = {"seeds": list(t.batch), "rung": t.rung}
             if t.arm:
                 attrs["arm"] = t.arm
@@ -159,7 +211,7 @@ class Search:
                 attrs.update(ideas=list(p.ideas), knobs=p.knobs, knob_trial=p.meta.get("knob_trial"),
                              llm_input_tokens=p.cost.input_tokens, llm_output_tokens=p.cost.output_tokens,
                              llm_dollars=p.cost.dollars)
-            if paired:
+            if t.rung == Rung.CONFIRM:
                 if t.alpha is None:  # the level is fixed when the candidate starts confirming
                     t.alpha = self.fdr.next_alpha()
                     self.recorder.call(self.db.set_state, FDR_KEY, self.fdr.to_dict())
@@ -171,26 +223,39 @@ class Search:
             if paired:
                 t.base_number = self._new_number()
                 self.recorder.call(record_start, self.db, t.base_number, self.db.base_commit, "", Who.BASELINE,
-                                   f"baseline beside trial {t.number}", Rung.CONFIRM, {"pairs_for": t.number}, None)
+                                   f"baseline beside trial {t.number}", t.rung, {"pairs_for": t.number}, None)
             self.open[t.number] = t
             self.live.started(t.number, t)
+        paired = t.base_number is not None
         t.expect(t.batch, paired)
         carried, t.carried = t.carried, {}  # finished before a stop or crash (agent/resume.py): not run again
-        # Single-seed rungs are pruned against the baseline band; confirm runs whole, both sides alike.
+        # Single-seed rungs are pruned against the baseline band; a pair runs whole, both sides alike.
         band = self.baselines[fid].band if (fid in self.baselines and not t.is_baseline and not paired) else None
-        for seed in t.batch:  # confirm interleaves: candidate, then the base, with the same seed
+        for seed in t.batch:  # a pair: the candidate and the base with the same seed, sent together
+            group = []
             for role, commit in ((CANDIDATE, t.commit), (BASE, self.db.base_commit))[: 2 if paired else 1]:
                 if (role, seed) in carried:
                     continue
                 spec = RunSpec(self.target, seed=seed, fidelity=fid, repo=self.db.repo_path, commit=commit,
                                band=band, run_id=f"t{t.number}-{role[0]}-s{seed}-{commit[:8]}",
                                fills_cache=commit == self.db.base_commit)
-                self.inflight[self.pool.submit(spec)] = (t, role, seed)
+                group.append((t, role, seed, spec))
+            if group:
+                self.send_later(t, group)
         for (role, seed), result in carried.items():
             if (role, seed) in t.waiting:
                 self.recorder.call(record_run, self.db, t.number if role == CANDIDATE else t.base_number, result, None)
                 self._add(t, role, seed, result)
         return t.number
+
+    def send_later(self, t: Trial, group: list) -> None:
+        """Queue one run, or a pair [(trial, role, seed, RunSpec), ...] sent together, for `_dispatch`
+        (the review desk's replays too). Ready runs go in the order baseline, confirm (a replay with
+        them), full, short, smoke; within a rung the trial started first: a confirmation's later
+        looks keep its number, so it finishes before another's starts."""
+        rung = Rung.CONFIRM if t.who == Who.REPLAY else t.rung
+        heapq.heappush(self.ready, ((PRIORITY[Who.BASELINE if t.is_baseline else rung], t.number),
+                                    next(self.counter), group))
 
     def _collect_runs(self, timeout: float) -> None:
         t_wait = time.perf_counter()
@@ -205,6 +270,7 @@ class Search:
                 result = finished.result
                 result.provenance.setdefault("worker", finished.worker)
                 self.meter.spans.append((finished.started, finished.ended, finished.worker))
+                self.meter.handed(self.meter.sent.pop(ref, None), finished.started, finished.ended)
                 if result.final is not None:  # the trainer's own active time, for bench/loop.py
                     self.meter.active.append((finished.ended, result.final.train_ms / 1000))
                 self.recorder.call(record_run, self.db, number, result, finished.log_text)
@@ -284,26 +350,45 @@ class Search:
         worst = t.worst(runs)
         t.status, t.reason = (worst.status.value, worst.reason[:2000]) if worst else ("ok", "")
         won_rung, sp = False, None
+        partner = self._finish_partner(t, fid)
         if worst is None and t.rung != Rung.SMOKE:
             base = self.baselines[fid]
             obs = judge.run_objective(base.kind, runs[0].curve, base.target_loss)
+            versus, base_obs = f"mean of {base.runs} runs, 1 seed, unconfirmed", base.obs
+            p_obs = (judge.run_objective(base.kind, partner.curve, base.target_loss)
+                     if partner is not None and partner.status == Status.OK else None)
+            if p_obs is not None and not p_obs.censored:  # screened beside its own base run (a busy machine)
+                versus, base_obs = "its base run side by side, 1 seed, unconfirmed", p_obs
             if obs is not None:
-                sp = judge.speedup(base.kind, base.target_loss, [(obs, base.obs)],
-                                   versus=f"mean of {base.runs} runs, 1 seed, unconfirmed")
-                t.values[t.rung], t.scores[t.rung] = obs.value, obs.value / base.value
+                sp = judge.speedup(base.kind, base.target_loss, [(obs, base_obs)], versus=versus)
+                t.values[t.rung], t.scores[t.rung] = obs.value, obs.value / base_obs.value
                 t.speedup, t.speedup_text = sp.to_dict(), sp.text()
-                won_rung = ladder.beats(sp, self.settings.min_speedup)
-            if self.baselines.count(fid):  # re-measure the base, interleaved with candidates
+                won_rung = ladder.beats(sp, ladder.screen_bar(t.rung, self.settings.min_speedup,
+                                                              base_obs is p_obs))
+            if t.base_number is None and self.baselines.count(fid):  # re-measure the base, interleaved
                 self._measure_base(fid, 1)
             if t.proposal is not None:
-                self._proposer(t.who).tell(t.proposal, t.outcome())
+                self._tell(t.who, t.proposal, t.outcome())
         trusted = all(getattr(r, "trust", "trusted") == "trusted" for r in runs)
         step = ladder.after_rung(t.rung, self.settings.ladder, worst is None, won_rung, trusted=trusted,
                                  allow_untrusted=self.settings.allow_untrusted, first_batch=self.first_batch)
         state = "complete" if worst is None else ("pruned" if worst.status == Status.PRUNED else "fail")
         value = t.values.get(t.rung) if t.rung != Rung.SMOKE else (float("inf") if worst is None else None)
-        attrs = t.attrs(sp, step.rung, trusted, self.target.resources.gpus)
+        attrs = t.attrs(sp, step.rung, trusted, self.target.resources.ray_gpus)  # packed: a share of the GPU
         self._close(t, step, value, runs, attrs, state)
+
+    def _finish_partner(self, t: Trial, fid: str) -> RunResult | None:
+        """A screening rung's base partner: it re-measures the base, and its study trial ends."""
+        if t.base_number is None:
+            return None
+        partner = next(iter(t.paired.values()), None)
+        if partner is not None and partner.status == Status.OK:
+            self.baselines.add(fid, [partner])
+        obs = (judge.run_objective(self.baselines[fid].kind, partner.curve, self.baselines[fid].target_loss)
+               if partner is not None and partner.status == Status.OK else None)
+        self.recorder.call(self.db.finish_trial, t.base_number, obs.value if obs else None,
+                           [partner] if partner else [], {"pairs_for": t.number}, "complete" if obs else "fail")
+        return partner
 
     def _finish_confirm(self, t: Trial) -> None:
         runs = t.runs.get(Rung.CONFIRM, [])
@@ -319,18 +404,22 @@ class Search:
             t.reason = f"{lost} pairs could not be used (a failed baseline run, or the two on different nodes)"
         else:
             step = ladder.after_confirm(base.kind, pairs, t.alpha, self.settings.max_seeds, ADD_PAIRS)
+        # the target's guards (search_space/guard.py) may veto a pass: a guard that dropped names itself
+        held, why, guards = judge.hold_guards(step.verdict, self.target.guards, runs, t.paired)
+        if held != step.verdict:
+            step, t.reason = ladder.Step(None, verdict=Verdict.FAIL), why
         sp = judge.speedup(base.kind, base.target_loss, pairs) if pairs else None
         if sp is not None:
             t.speedup, t.speedup_text = sp.to_dict(), sp.text()
-        if step.rung == Rung.CONFIRM:  # more pairs in the same study trials
+        if step.rung == Rung.CONFIRM:  # more pairs in the same study trials, ahead of later confirmations
             t.batch = tuple(judge.fresh_seeds(t.commit, "confirm", len(t.paired), step.seeds))
-            self.push(t)
+            self._start(t)
             return
         self.fdr.record(step.verdict == Verdict.PASS)
         self.recorder.call(self.db.set_state, FDR_KEY, self.fdr.to_dict())
         value = sum(c.value for c, _ in pairs) / len(pairs) if pairs else None
-        attrs = {**t.attrs(sp, step.rung, True, self.target.resources.gpus), "alpha": t.alpha,
-                 "fdr": self.fdr.guarantee, "pairs": len(pairs)}
+        attrs = {**t.attrs(sp, step.rung, True, self.target.resources.ray_gpus), "alpha": t.alpha,
+                 "fdr": self.fdr.guarantee, "pairs": len(pairs), "guards": [g.to_dict() for g in guards]}
         base_runs = [t.paired[s] for s in sorted(t.paired)]
         base_value = sum(b.value for _, b in pairs) / len(pairs) if pairs else None
         self.recorder.call(self.db.finish_trial, t.base_number, base_value, base_runs, {"pairs_for": t.number},
@@ -351,6 +440,8 @@ class Search:
         self.live.finished(number, t, t.status, loss, t.speedup_text if rung != Rung.SMOKE else "")
         if rung in (Rung.SHORT, Rung.FULL) and t.scores.get(rung, 2.0) < 1.0:
             self.ahead.new_parent()
+        if t.rung != Rung.CONFIRM:  # a screening partner is not one of confirm's pairs
+            t.paired, t.base_number = {}, None
         if step.rung is not None:
             t.rung, t.number, t.worker_s = step.rung, None, 0.0
             t.batch = (tuple(judge.fresh_seeds(t.commit, "confirm", 0, step.seeds)) if step.rung == Rung.CONFIRM
@@ -367,7 +458,7 @@ class Search:
             self.policy.reward(t.arm, t.won)
             self.recorder.call(self.db.set_state, STATE_KEY, self.policy.state())
         if t.proposal is not None:
-            self._proposer(t.who).tell(t.proposal, t.outcome(final=True))
+            self._tell(t.who, t.proposal, t.outcome(final=True))
         if verdict == Verdict.PASS and self.summary.confirm(t):
             self.live.best(self.summary)
         elif verdict == Verdict.FAIL:
@@ -386,7 +477,7 @@ class Search:
             return "minutes"
         if s.budget_dollars and self.summary.dollars >= s.budget_dollars:
             return "dollars"
-        gpu_hours = self.summary.worker_hours * self.target.resources.gpus
+        gpu_hours = self.summary.worker_hours * self.target.resources.ray_gpus  # packed runs share a GPU
         if s.budget_gpu_hours and gpu_hours >= s.budget_gpu_hours:
             return "gpu-hours"
         return ""
@@ -412,7 +503,22 @@ class Search:
 
     def _idle(self) -> bool:
         """Nothing running, nothing being proposed, nothing that could start."""
-        return not self.inflight and not self.ahead.futures and not any(self._runnable(t) for *_, t in self.queue)
+        return (not self.inflight and not self.ahead.futures and not self.ready
+                and not any(self._runnable(t) for *_, t in self.queue))
+
+    def _why_free(self) -> str:
+        """Why a worker is free now, for bench/loop.py: "lag" (something runnable waits: the loop is
+        behind), "pair" (a pair waits for a second free worker), "baseline" (candidates wait for the
+        base's numbers), "proposals" (asked, not back yet), "budget" (nothing new may start), "nothing"."""
+        if self.ready:
+            return "pair" if len(self.ready[0][2]) > self.capacity - len(self.inflight) else "lag"
+        if any(self._runnable(t) for *_, t in self.queue):
+            return "budget" if self._budget_hit() else "lag"
+        if self.queue:
+            return "baseline"
+        if self.ahead.futures:
+            return "proposals"
+        return "budget" if self._budget_hit() else "nothing"
 
     # --- main
     def resume(self, r: Restored) -> None:
@@ -461,14 +567,16 @@ class Search:
                     self._propose()
                     self._collect_proposals()
                     self._dispatch()
-                    free = self.capacity - len(self.inflight)
-                    self.meter.iteration(t_iter, free, free > 0 and not any(self._runnable(t) for *_, t in self.queue))
+                    self.meter.iteration(t_iter, self.capacity - len(self.inflight), self._why_free())
+                    self._told()
                     if self.recorder.error is not None:
                         self.recorder.flush()  # raises the failed write
                     if not self._watch_cluster():
                         self.summary.stopped_by = self.faults.paused_line()
                         break
                     hit = self._budget_hit()
+                    if hit and self.meter.budget_at is None:
+                        self.meter.budget_at = time.time()
                     if hit == "minutes" and not self._draining():
                         self.summary.stopped_by = hit
                         break
@@ -488,9 +596,15 @@ class Search:
         if not self.faults.lost_reason:  # a lost cluster has no runs left to stop, and no one to ask
             self.pool.stop(list(self.inflight))
         for t in {id(t): t for t in self.open.values()}.values():  # resumed later from where they stood
-            for number in (t.number, t.base_number if t.rung == Rung.CONFIRM else None):
+            for number in (t.number, t.base_number):
                 if number is not None:
                     self.recorder.call(self.db.mark_failed, number, INTERRUPTED)
+        told_error = None
+        try:
+            self._told(wait=True)  # the tells under way first, in order, then the last words below
+        except Exception as e:  # raised once everything below is closed
+            told_error = e
+        self.teller.shutdown(wait=True)
         waiting = {id(t): t for t in [t for *_, t in self.queue] + self.stranded}
         running = {id(t): t for t in self.open.values()}
         for key, t in {**running, **waiting}.items():  # their proposers hear now, so none is left waiting
@@ -502,6 +616,7 @@ class Search:
             elif key in waiting:
                 self._proposer(t.who).tell(t.proposal, rejected(t.proposal, "the search stopped first"))
         self.inflight.clear()
+        self.ready.clear()
         self.open.clear()
         self.ahead.stop()
         self.desk.close()
@@ -511,3 +626,5 @@ class Search:
         finally:
             self.recorder.close()
             dashboard.finish(self.db)  # the candidates' plots still being drawn
+        if told_error is not None:
+            raise told_error

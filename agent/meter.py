@@ -57,15 +57,27 @@ class Meter:
     active: list[tuple[float, float]] = field(default_factory=list)  # each run: its end, the trainer's own seconds
     busy_s: float = 0.0  # main-thread time not spent waiting for runs
     waited: float = 0.0
-    idle: dict[str, float] = field(default_factory=dict)  # free slot-seconds: "starved" (nothing to run) or "lag"
+    idle: dict[str, float] = field(default_factory=dict)  # free slot-seconds by why (Search._why_free)
+    # Each run's hand-offs: Ray's start after the loop sent it, and the loop's pick-up after it ended.
+    sent: dict = field(default_factory=dict)  # ObjectRef -> wall-clock time it was sent
+    to_start: list[float] = field(default_factory=list)  # seconds from sent to the task's start
+    to_collect: list[float] = field(default_factory=list)  # seconds from the task's end to the loop's pick-up
+    budget_at: float | None = None  # wall-clock time the budget was first reached (then only the tail runs)
+
+    def handed(self, sent: float | None, started: float, ended: float) -> None:
+        if sent is not None and started:
+            self.to_start.append(max(0.0, started - sent))
+        if ended:
+            self.to_collect.append(max(0.0, time.time() - ended))
 
     def charge(self, trial: int, t0: float, extra: float = 0.0) -> None:
         self.controller_s[trial] = self.controller_s.get(trial, 0.0) + extra + time.perf_counter() - t0
 
-    def iteration(self, t0: float, free_slots: int, starved: bool = True) -> None:
+    def iteration(self, t0: float, free_slots: int, why: str = "starved") -> None:
+        """One loop iteration; `why` a free worker had nothing (Search._why_free: "lag" means
+        something runnable was waiting)."""
         dt = time.perf_counter() - t0
         if free_slots > 0:
-            key = "starved" if starved else "lag"
-            self.idle[key] = self.idle.get(key, 0.0) + free_slots * dt
+            self.idle[why] = self.idle.get(why, 0.0) + free_slots * dt
         self.busy_s += dt - self.waited
         self.waited = 0.0

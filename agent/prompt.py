@@ -131,6 +131,15 @@ def rules_text(ctx: ProposalContext) -> str:
     return "\n".join(f"- {r}" for r in rules)
 
 
+def track_rules_text(ctx: ProposalContext) -> str:
+    """The track's evaluation rules (the target's `[rules]`), which the trusted evaluator enforces."""
+    rules = getattr(ctx.target, "rules", None)
+    if rules is None:
+        return ""
+    return (f"<track_rules>\nThe track's evaluation rules; a run that breaks one is refused, whatever its "
+            f"loss.\n{rules.text()}\n</track_rules>\n\n")
+
+
 def files_text(ctx: ProposalContext, limits: Limits = Limits()) -> str:
     parts = []
     for path in sorted(ctx.files):
@@ -153,7 +162,8 @@ def system_blocks(ctx: ProposalContext, limits: Limits = Limits()) -> list[dict]
         f"<task>\n{_objective(ctx)}"
         + (f"\nAbout this trainer: {t.description.strip()}" if t.description.strip() else "")
         + f"\n</task>\n\n<rules>\n{rules_text(ctx)}\n</rules>\n\n"
-        f"<edit_format>\n{EDIT_FORMAT}\n</edit_format>\n\n"
+        + track_rules_text(ctx)
+        + f"<edit_format>\n{EDIT_FORMAT}\n</edit_format>\n\n"
         f"Answer only by calling the {TOOL_NAME} tool."
     )
     code = f"The parent's editable code (commit {ctx.parent}):\n\n<code>\n{files_text(ctx, limits)}\n</code>"

@@ -20,6 +20,7 @@ from agent.faults import LOST_KEY, summary_line
 from agent.names import Verdict
 from agent.resume import FDR_KEY
 from agent.settings import LADDER
+from env.run_progress import progress_line, progress_rows
 from runs_db.db import RunsDB
 from search_space.judge import OnlineFDR, Speedup
 
@@ -79,7 +80,7 @@ def status_dict(db: RunsDB) -> dict[str, Any]:
             "baseline": baseline, "best": best_trial(rows), "leading": leading_trial(rows), "guarantee": guarantee,
             "confirmed": sum(1 for r in rows if r.get("verdict") == Verdict.PASS),
             "rejected": sum(1 for r in rows if r.get("verdict") == Verdict.FAIL and r["fidelity"] == "confirm"),
-            "trials": rows, "lost": db.get_state(LOST_KEY, None),
+            "trials": rows, "lost": db.get_state(LOST_KEY, None), "long_runs": progress_rows(db.dir),
             "counts": {s: sum(1 for r in rows if r["state"] == s) for s in ("complete", "fail", "pruned", "running")}}
 
 
@@ -257,7 +258,8 @@ def counts_line(data: dict[str, Any]) -> str:
     line = (f"trials: {len(rows)} ({base} of the base): {c['complete']} complete, {c['fail']} failed, "
             f"{c['pruned']} pruned, {c['running']} running")
     lost = summary_line(data.get("lost"))  # the cluster's faults, apart from the candidates'
-    return f"{line}\n{lost}" if lost else line
+    line = f"{line}\n{lost}" if lost else line
+    return "\n".join([line] + [progress_line(r) for r in data.get("long_runs") or []])  # checkpointed runs
 
 
 def print_status(data: dict[str, Any], console: Console) -> None:

@@ -2,7 +2,9 @@
 
 A new search finds the database empty and gets an empty `Restored`. Trials a dead controller left
 running are marked failed ("interrupted") and their rung runs again, reusing the runs that had
-finished inside it (`Trial.carried`); interrupted trials do not count against `budget_trials`. A
+finished inside it (`Trial.carried`); interrupted trials do not count against `budget_trials`.
+A run cut off inside such a rung runs again with the same seed and fidelity, so a target with
+`[checkpoint]` continues it from the state kept in the search folder (env/run_state.py). A
 candidate whose last rung ended carries on to the rung recorded with it (`next`), or stays ended
 with its verdict and reward; a commit that never started a trial starts at smoke. Every git note
 is written again from the study: notes are derived data, and a crash may have lost the last ones.

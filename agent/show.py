@@ -143,14 +143,15 @@ def seeds_table(db: RunsDB, ts: list[TrialRecord], partners: dict[int, TrialReco
             row: dict[str, Any] = {"trial": t.number, "rung": t.fidelity, "runs": run_set(t), "seed": r.seed,
                                    "target_loss": target_loss,
                                    "status": r.status.value, "trusted": r.trusted, **_final(r), "objective": None,
-                                   "base": None, "pair_gain": None}
+                                   "base": None, "pair_gain": None, "guards": dict(r.guards)}
             if target_loss is not None and r.curve:
                 o = judge.run_objective(kind, r.curve, target_loss)
                 row["objective"] = o.value if o else None
                 row["censored"] = bool(o and o.censored)
             b = base_runs.get(r.seed)
             if b is not None:
-                row["base"] = {"trial": partners[t.number].number, "status": b.status.value, **_final(b)}
+                row["base"] = {"trial": partners[t.number].number, "status": b.status.value, **_final(b),
+                               "guards": dict(b.guards)}
                 if target_loss is not None and b.curve and r.curve:
                     bo = judge.run_objective(kind, b.curve, target_loss)
                     row["base"]["objective"] = bo.value if bo else None
@@ -190,6 +191,7 @@ def verdicts(db: RunsDB, ts: list[TrialRecord], partners: dict[int, TrialRecord]
             "fdr": t.attrs.get("fdr"), "target_loss": sp.target_loss,
             "mean_final_loss": sum(finals) / len(finals) if finals else None,
             "speedrun_pvalue": judge.speedrun_pvalue(finals, sp.target_loss),
+            "guards": t.attrs.get("guards") or [],  # search_space/guard.py GuardCheck.to_dict()s
         })
     return out
 
@@ -205,7 +207,7 @@ def show_data(db: RunsDB, ref: str) -> dict[str, Any]:
                 if t.commit == db.base_commit and t.attrs.get("pairs_for") is not None}
     best = _best_trial(ts)
     sp = _speedup(best) if best else None
-    kind = sp.kind if sp else _kind(db)
+    kind = _budgeted(db, sp.kind if sp else _kind(db))
     target_loss = _target_loss(trials, db.base_commit)
     parent = db.history.parent(commit)
     message = db.message(commit)
@@ -241,6 +243,18 @@ def cost(ts: list[TrialRecord], base_partners: list[TrialRecord]) -> dict[str, f
             if isinstance(x, int | float) and math.isfinite(x) and (mine or not key.startswith("llm")):
                 out[key] += x
     return out
+
+
+def _budgeted(db: RunsDB, kind: str) -> str:
+    """The search target's own objective where it is `kind`: it carries the budget the verdict read
+    each run's loss at (search_space/budget.py), so the per-seed numbers are read there too."""
+    try:
+        from search_space.target import load_target
+
+        own = load_target(db.settings.get("target", "tinygpt")).objective
+    except Exception:  # the target file moved away: read at the run's end
+        return kind
+    return own if own == kind else kind
 
 
 def _kind(db: RunsDB) -> str:

@@ -4,6 +4,12 @@ the trusted evaluation and idle time, read from what the search itself recorded.
     python -m bench.gpu_share                                   # tinygpt-gpu, 6 minutes, ideas,knobs
     python -m bench.gpu_share --target tinygpt --budget-minutes 3 --workers 1   # the CPU version
     python -m bench.gpu_share --analyze DIR                     # a search folder this bench launched
+    python -m bench.gpu_share --pack 4 --cpus 4 --alone-rate 2247.1   # 4 runs at once on the GPU
+
+--pack K runs the target from a copy of its folder whose [resources] say `pack = K` (and --cpus,
+--memory-mb when given: a 16-core host fits 4 runs of 4 cores, not of the target's 8). Packed, the base's
+own step times are slowed by their neighbours, so the training share's steady rate must come from a run
+alone on the GPU: --alone-rate (k tokens/s), measured by bench/packed_noise.py's solo run.
 
 It launches `speedsearch launch` (a subprocess; `python -m agent launch --json`) with `nvidia-smi` sampled
 every 0.5 s by a thread beside it, then reads the folder (RunsDB: trials, each run's RunResult and log).
@@ -113,6 +119,8 @@ def launch(args: argparse.Namespace, folder: Path) -> dict:
     import env.data
     from search_space.target import load_target
 
+    if args.pack > 1 or args.cpus or args.memory_mb:
+        args.target = str(packed_target(args.target, folder.parent / "target", args.pack, args.cpus, args.memory_mb))
     target = load_target(args.target)
     root = getattr(env.data, "data_root", None)  # newer trees resolve `{cache}` per node
     sampler = Sampler(root(target) if root else target.data_path)
@@ -138,9 +146,32 @@ def launch(args: argparse.Namespace, folder: Path) -> dict:
     sampler.stop()
     meta = {"command": " ".join(command[1:]), "rc": rc, "start": t0, "end": t1, "smi": sampler.smi,
             "samples": sampler.samples, "prepare": sampler.prepare, "stdout": str(out), "stderr": str(err),
-            "target": args.target, "workers": args.workers, "slots": slots(args, target)}
+            "target": args.target, "workers": args.workers, "slots": slots(args, target),
+            "pack": target.resources.pack, "cpus": target.resources.cpus}
     meta_path(folder).write_text(json.dumps(meta))
     return meta
+
+
+def packed_target(spec: str, dest: Path, pack: int, cpus: int, memory_mb: int) -> Path:
+    """A copy of the target's folder whose target.toml's [resources] say `pack` (and cpus, memory_mb
+    when given); the same name, trainer, data and ideas. Returns the copy's target.toml."""
+    from search_space.targets import builtin_path
+
+    path = builtin_path(spec) or Path(spec)
+    path = path / "target.toml" if path.is_dir() else path
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(path.parent, dest, ignore=shutil.ignore_patterns("__pycache__", ".git"))
+    text = (dest / path.name).read_text()
+    head, sep, rest = text.partition("[resources]\n")
+    if not sep:
+        raise SystemExit(f"{path}: no [resources] table to pack")
+    body, nxt, tail = rest.partition("\n[")
+    lines = [ln for ln in body.splitlines() if not re.match(r"\s*(pack|cpus|memory_mb)\s*=", ln)
+             or (ln.strip().startswith("cpus") and not cpus) or (ln.strip().startswith("memory_mb") and not memory_mb)]
+    lines += [f"pack = {pack}"] + ([f"cpus = {cpus}"] if cpus else [])
+    lines += [f"memory_mb = {memory_mb}"] if memory_mb else []
+    (dest / path.name).write_text(head + sep + "\n".join(lines) + "\n" + nxt + tail)
+    return dest / path.name
 
 
 def slots(args: argparse.Namespace, target) -> int:
@@ -306,7 +337,7 @@ def print_runs(runs: list[dict]) -> None:
                                        *[PART_NAMES[p] for p in PARTS], "steps"], rows)
 
 
-def report(folder: Path, meta: dict, each_run: bool = False) -> int:
+def report(folder: Path, meta: dict, each_run: bool = False, alone_rate: float = 0.0) -> int:
     runs, info = collect(folder)
     held_wall = meta["end"] - meta["start"]
     gpus = sorted({r["gpu"] for r in runs}) or ["cpu"]
@@ -314,6 +345,15 @@ def report(folder: Path, meta: dict, each_run: bool = False) -> int:
     units = int(meta.get("slots") or len(gpus))  # what the search held: every slot of the pool, busy or not
     unit = "core" if on_cpu else "GPU"
     rate, rate_how = steady_rate(runs)
+    packed = int(meta.get("pack") or 1)
+    if alone_rate:
+        rate_how = (f"given: the trainer alone on this GPU model, {alone_rate:.1f} k tokens/s; the packed base's "
+                    f"own: {fmt(rate / 1e3)}")
+        rate = alone_rate * 1e3
+    elif packed > 1:
+        rate_how += "; PACKED: slowed by its neighbours, so the share reads too high (give --alone-rate)"
+    if packed > 1:
+        print(f"packed: {packed} runs at once on each GPU ({meta.get('cpus')} CPUs a run)")
     if each_run:
         print_runs(runs)
     print(f"search {folder}: {meta['command']} (exit {meta['rc']})")
@@ -384,6 +424,9 @@ def report(folder: Path, meta: dict, each_run: bool = False) -> int:
                         f"{held_all - wall_all:.1f} ({pct((held_all - wall_all) / held_all)}).")
 
     print_held(runs, info, meta, held_all, units, unit)
+    if packed > 1:
+        print(f"packed: the parts above are run-seconds; with {packed} runs at once they overlap, so they can sum "
+              f"past the held time and 'between runs' goes negative.")
 
     # Utilisation, throughput of verdicts, and the goals.
     samples = [s for s in meta.get("samples", []) if meta["start"] <= s[0] <= meta["end"]]
@@ -434,6 +477,11 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="the search folder (default: a new temporary one)")
     ap.add_argument("--runs", action="store_true", help="also a table of every run")
     ap.add_argument("--analyze", type=Path, default=None, help="only read a folder this bench launched")
+    ap.add_argument("--pack", type=int, default=1, help="runs at once on one GPU (a copy of the target, pack = K)")
+    ap.add_argument("--cpus", type=int, default=0, help="with --pack: the copy's CPUs a run (0: the target's)")
+    ap.add_argument("--memory-mb", type=int, default=0, help="with --pack: the copy's memory a run (0: the target's)")
+    ap.add_argument("--alone-rate", type=float, default=0.0,
+                    help="k tokens/s of the base alone on the GPU: the share's steady rate (0: the base's own)")
     args = ap.parse_args()
     if args.analyze:
         folder = args.analyze.resolve()
@@ -442,7 +490,7 @@ def main() -> None:
         folder = (args.dir or Path(tempfile.mkdtemp(prefix="gpu-share-")) / "search").resolve()
         folder.parent.mkdir(parents=True, exist_ok=True)
         meta = launch(args, folder)
-    sys.exit(report(folder, meta, args.runs))
+    sys.exit(report(folder, meta, args.runs, args.alone_rate))
 
 
 if __name__ == "__main__":

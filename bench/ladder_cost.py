@@ -9,9 +9,14 @@ Both strategies are scored on the same truth: recall = real gains confirmed / re
 the candidates (a real gain: true speed-up above the bar, 1.0), false winners = confirmed
 candidates that are not faster.
 
+Screening as the loop does it (agent.ladder.screen_paired, screen_bar): where the base's own runs
+spread more than ladder.PAIR_SPREAD (a busy machine), each short and full run runs beside a base
+run and is judged by that pair's ratio (and costs the base run too); otherwise one run against the
+mean of the base's runs. `--screen single` forces the latter, for comparison.
+
 Noise, from the trusted tinygpt CPU recordings in bench/results/ (bench/record_cpu_trusted.sh):
-- a single-seed rung (short, full) is one run against the mean of the base's runs: log time to
-  target with the spread of the consecutive recording (drift between runs included);
+- a single-seed rung (short, full) alone is one run against the mean of the base's runs: log time
+  to target with the spread of the consecutive recording (drift between runs included);
 - a confirm pair is two runs side by side: they share the window's load (a common factor) and
   differ by the spread of the side-by-side recording's pair ratios, so each run alone still has
   the consecutive spread.
@@ -20,6 +25,7 @@ the worker-seconds of a tinygpt run of its fidelity (start-up plus its share of 
 steps; a full run's wall time, the trusted evaluator's included, from the same recording).
 
     python -m bench.ladder_cost [--candidates 400] [--searches 5] [--bars 1.0,0.9] [--single-sd 0.158]
+                                [--screen auto|single|paired]
 """
 
 from __future__ import annotations
@@ -121,17 +127,32 @@ def single(rng: random.Random, gain: float, noise: Noise) -> judge.Speedup:
                          [(Obs(1000.0 * math.exp(-gain + rng.gauss(0, noise.single))), Obs(1000.0))])
 
 
-def search(seed: int, n: int, noise: Noise, full_s: float, bar: float) -> dict:
+def beside(rng: random.Random, gain: float, noise: Noise) -> judge.Speedup:
+    """A single-seed rung run beside a base run: the pair shares the window's load."""
+    c, e = rng.gauss(0, noise.common), noise.pair / math.sqrt(2)
+    return judge.speedup("time_to_target", 2.0, [(Obs(1000.0 * math.exp(-gain + c + rng.gauss(0, e))),
+                                                  Obs(1000.0 * math.exp(c + rng.gauss(0, e))))])
+
+
+def paired_screen(noise: Noise, screen: str) -> bool:
+    """The loop's choice (the base's spread is one run's: `noise.single`), or the one forced."""
+    return ladder.screen_paired(noise.single, 2) if screen == "auto" else screen == "paired"
+
+
+def search(seed: int, n: int, noise: Noise, full_s: float, bar: float, screen: str = "auto") -> dict:
     cands = draw(random.Random(seed), n)
     out = {"ladder_s": 0.0, "full_s": 0.0, "ladder_wins": set(), "full_wins": set(),
            "real": {i for i, (g, crash) in enumerate(cands) if g > 0 and not crash}}
     rng_l, rng_f = random.Random(seed + 1), random.Random(seed + 2)
     fdr_l, fdr_f = judge.OnlineFDR(0.05), judge.OnlineFDR(0.05)
+    paired = paired_screen(noise, screen)
     for i, (gain, crash) in enumerate(cands):
         rung = Rung.SMOKE  # the ladder
         while rung != Rung.CONFIRM:
-            out["ladder_s"] += cost(rung, full_s) if not crash else STARTUP_S
-            won = rung != Rung.SMOKE and ladder.beats(single(rng_l, gain, noise), bar)
+            runs = 2 if paired and rung != Rung.SMOKE else 1  # a paired screen pays for the base beside it
+            out["ladder_s"] += runs * cost(rung, full_s) if not crash else STARTUP_S
+            won = rung != Rung.SMOKE and ladder.beats((beside if paired else single)(rng_l, gain, noise),
+                                                      ladder.screen_bar(rung, bar, paired))
             step = ladder.after_rung(rung, LADDER, not crash, won)
             if step.rung is None:
                 break
@@ -163,6 +184,8 @@ def main() -> None:
                     "the goal is checked at the first (the search's default)")
     ap.add_argument("--single-sd", default="", help="more rows: these single-run spreads with the recorded pair "
                     "ratio spread, e.g. 0.158 (the older, lighter-load recording)")
+    ap.add_argument("--screen", default="auto", choices=("auto", "single", "paired"),
+                    help="screening: the loop's choice by the base's spread (auto), or forced")
     args = ap.parse_args()
     bars = [float(b) for b in args.bars.split(",")]
     rec, full_s, source = recorded()
@@ -179,7 +202,7 @@ def main() -> None:
              for x in args.single_sd.split(",") if x]
     for noise in (rec, quiet, *extra):
         for k, bar in enumerate(bars):
-            runs = [search(s, args.candidates, noise, full_s, bar) for s in range(args.searches)]
+            runs = [search(s, args.candidates, noise, full_s, bar, args.screen) for s in range(args.searches)]
             ratio = statistics.median(r["ladder_s"] / r["full_s"] for r in runs)
             real = sum(len(r["real"]) for r in runs)
             found = {w: sum(len(r[f"{w}_wins"] & r["real"]) for r in runs) for w in ("ladder", "full")}
@@ -189,7 +212,8 @@ def main() -> None:
             checked = k == 0 and noise in (rec, quiet)
             goals = (ratio <= 0.4, recall["ladder"] >= recall["full"] - RECALL_SLACK, false["ladder"] <= false["full"])
             failed |= checked and not all(goals)
-            label = noise.label if k == 0 else ""
+            screening = "paired with a base run" if paired_screen(noise, args.screen) else "single run vs base mean"
+            label = f"{noise.label}; screening {screening}" if k == 0 else ""
             hours = [statistics.median(r[f"{w}_s"] for r in runs) / 3600 for w in ("ladder", "full")]
             table.add_row(label, f"{bar:g}", "worker-seconds, ladder / all at full (median)", f"{100 * ratio:.1f} %",
                           "100 %", ("<= 40 % " + _ok(goals[0])) if checked else "")

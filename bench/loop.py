@@ -54,6 +54,12 @@ def slot_gaps(spans: list[tuple[float, float, str]]) -> list[float]:
     return out
 
 
+def _handoff(xs: list[float]) -> str:
+    if not xs:
+        return "n/a"
+    return f"{1000 * np.median(xs):.0f} / {1000 * np.percentile(xs, 90):.0f} ms / {sum(xs):.1f} s"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=1000)
@@ -92,6 +98,9 @@ def main() -> None:
     busy_steady = busy_fraction(meter.spans, args.workers, last_start)
     first = min(s for s, *_ in meter.spans)
     active = sum(a for end, a in meter.active if end <= last_start) / (args.workers * (last_start - first))
+    # the steady state: until the trials budget was reached (after it only confirmations under way run on)
+    until = meter.budget_at or last_start
+    steady = sum(a for end, a in meter.active if end <= until) / (args.workers * (until - first))
     start = "cold starts" if args.cold else "warm slots"
     table = Table(title=f"search loop, {args.workers} logical GPU workers, sleeping trainer ({args.run_s} s full "
                         f"runs), {start}, {os.cpu_count()} cores")
@@ -112,11 +121,17 @@ def main() -> None:
          ""),
         ("workers busy with the trainer's own active time, until the last dispatch", f"{100 * active:.2f} %",
          ">= 97 % " + ("PASS" if active >= 0.97 else "FAIL")),
+        ("workers busy with the trainer's own active time, until the trials budget was reached",
+         f"{100 * steady:.2f} %", f"(the tail after it: {max(0.0, last_start - until):.1f} s)"),
         ("workers busy (Ray task spans), until the last dispatch", f"{100 * busy_steady:.2f} %", ""),
         ("workers busy, whole run", f"{100 * busy_fraction(meter.spans, args.workers):.2f} %", ""),
         ("gap between runs on a slot, median / p90", f"{np.median(gaps):.0f} / {np.percentile(gaps, 90):.0f} ms", ""),
-        ("free slot-seconds: nothing runnable / runnable waiting",
-         f"{meter.idle.get('starved', 0):.1f} / {meter.idle.get('lag', 0):.1f}", ""),
+        ("free slot-seconds, by what the loop waited on (Search._why_free)",
+         ", ".join(f"{k} {v:.1f}" for k, v in sorted(meter.idle.items(), key=lambda kv: -kv[1])) or "none", ""),
+        ("a run sent, until Ray starts it: median / p90 / slot-seconds in all",
+         _handoff(meter.to_start), "(the loop holds the slot, nothing runs)"),
+        ("a run ended, until the loop picks it up: median / p90 / slot-seconds in all",
+         _handoff(meter.to_collect), "(likewise)"),
         ("knobs sampler's trials: RUNNING / all", f"{knob_states.count(optuna.trial.TrialState.RUNNING)} / "
          f"{len(knob_states)}", "0 " + ("PASS" if optuna.trial.TrialState.RUNNING not in knob_states else "FAIL")),
         ("bandit rewards given / candidates that left the ladder", f"{rewarded:.0f} / {ended}",

@@ -24,6 +24,8 @@ what the search itself judges), recorded by `bash bench/record_cpu_trusted.sh`:
   (as the loop runs a confirm pair on two workers), pairs one after another, while other sessions
   loaded the machine (real drift);
 - the same, one after the other: `tinygpt-cpu-trusted-consecutive-<date>.jsonl`, seeds 0, 1, ...;
+- tinygpt-gpu packed 4 runs at once on one H100 (issue #11): `tinygpt-gpu-packed4-trusted-<date>.jsonl`,
+  by `bash bench/packed_noise.sh` (waves of 4 base runs through the pool; runs 2i, 2i+1 of a wave a pair);
 - tinygpt-gpu on one H100: `tinygpt-gpu-trusted-<date>.jsonl` when it exists (the same format, see
   `read_runs`), else the older `tinygpt_gpu_full_s*.log` (train.py's own claimed curve, 1000 steps);
 - the speedrun's noise on the H100 curve's shape: the H100 residuals rescaled to a final-loss sd
@@ -182,6 +184,10 @@ def recorded() -> dict[str, Noise]:
             if pts:
                 gpu.append(pts)
         out["tinygpt H100"] = load("tinygpt H100 (claimed curves, logs)", gpu)
+    packed = latest("tinygpt-gpu-packed*-trusted-*.jsonl")
+    if packed:  # issue #11: base runs 4 at once on one H100 (bench/packed_noise.py), pairs side by side
+        out["tinygpt H100 packed"] = load(f"tinygpt H100 packed, trusted ({packed.name})",
+                                          pair_curves(read_runs(packed)), side_by_side=True)
     out["speedrun noise"] = out["tinygpt H100"].scaled("speedrun noise", 0.0014, 0.6 / 179)
     return out
 
@@ -308,7 +314,8 @@ def main() -> None:
     # The goals: 3% at the speedrun's noise, 10% at tinygpt's on this machine, where a confirm pair's
     # two runs go to the two workers side by side. The other two rows are for information.
     scenarios = [("tinygpt CPU, pairs side by side", 0.10, True), ("speedrun noise", 0.03, True),
-                 ("tinygpt CPU, pairs one after the other", 0.10, False), ("tinygpt H100", 0.10, False)]
+                 ("tinygpt CPU, pairs one after the other", 0.10, False), ("tinygpt H100", 0.10, False),
+                 ("tinygpt H100 packed", 0.10, False)]  # issue #11's point 4: the A/A must hold under packing
     for name, gain, check in scenarios:
         if args.only and args.only not in name:
             continue

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from env.cache_layer import shared_cache
 from env.data import DataError, data_root, ensure_data, hidden_paths
+from env.guard import measure_guards
 from env.machine import run_memory_mb
 from env.provenance import provenance
 from env.readout import CurveReader
+from env.run_state import Continuation
 from env.sandbox import Limits, Sandbox, SandboxRequest
 from env.source import DataSource, Source, prepare_folder, unship
 from env.stats import Band
@@ -108,8 +110,11 @@ def _link_data(target: Target, workdir: Path, data: Path | None) -> None:
 
 
 def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.Event | None = None,
-             cache_dir: Path | None = None, keep_workdir: bool = False) -> RunResult:
-    """Never raises for anything the candidate does: every outcome is a RunResult with a reason."""
+             cache_dir: Path | None = None, keep_workdir: bool = False, continuation: Continuation | None = None
+             ) -> RunResult:
+    """Never raises for anything the candidate does: every outcome is a RunResult with a reason.
+    `continuation`: a `[checkpoint]` target's run state (env/run_state.py): restored before the run
+    when one was saved, watched and sent back while it runs."""
     target = spec.target
     t0 = time.perf_counter()
     run_dir = Path(run_root) / (spec.run_id or f"{spec.fidelity}-s{spec.seed}-{uuid.uuid4().hex[:8]}")
@@ -132,12 +137,16 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         return _done(result, t0, workdir, keep_workdir, sandbox)
 
     env, flags = routed_values(workdir, target.knobs)
-    command = target.render_command(seed=spec.seed, steps=steps, data=data or "")
-    target_env = target.render_env(seed=spec.seed, steps=steps, data=data or "")
+    resume = continuation.restore(workdir) if continuation is not None else ""
+    command = target.render_command(seed=spec.seed, steps=steps, data=data or "", resume=resume)
+    target_env = target.render_env(seed=spec.seed, steps=steps, data=data or "", resume=resume)
+    if continuation is not None:
+        target_env = {**continuation.env(resume), **target_env}
     if flags:
         command += " " + " ".join(shlex.quote(f) for f in flags)
     trust = target.trust if target.readout.format == "speedrun" else None
-    reader = CurveReader(target.readout, steps, trust.pause_regex if trust else None)
+    reader = (continuation.make_reader if continuation is not None else CurveReader)(
+        target.readout, steps, trust.pause_regex if trust else None)
     keeper = CheckpointKeeper(trust, workdir, run_dir / "ckpt") if trust else None
     pruned: list[str] = []
 
@@ -169,16 +178,21 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         warm_imports=target.warm_imports)
     evaluator = None if trust is None else Evaluator(
         trust, sandbox, lambda dest: _materialise(spec, dest), run_dir, request.env, request.limits, request.hide,
-        keep_workdir)
+        keep_workdir, rules=target.rules)
     try:
         if evaluator is not None and evaluator.early:  # its imports overlap the training run
             evaluator.start(wait_s=target.resources.run_timeout_s)
         started = reader.started = time.monotonic()  # a regex readout's clock starts with the run
+        if continuation is not None:
+            continuation.watch(workdir, log_path)
         try:
             outcome = sandbox.run(request, on_line=on_line, cancel=cancel)
         except Exception as e:  # a sandbox that cannot start is the machine's fault, not the candidate's
             result.status, result.reason = Status.FAILED, f"sandbox error: {type(e).__name__}: {e}"
             return _done(result, t0, workdir, keep_workdir, sandbox)
+        finally:
+            if continuation is not None:  # a continued run's log: the saved one, then its own
+                continuation.finish(log_path, result.provenance)
         if target.readout.format == "jsonl":
             reader.read_metrics_file(workdir)
             result.curve = list(reader.points)  # no arrival times to observe: the claimed curve, untrusted
@@ -191,7 +205,8 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         result.provenance["command"] = command
         result.status, result.reason = _classify(outcome, reader, pruned, log_path)
         if result.status == Status.OK and evaluator is not None and keeper is not None:
-            _trusted_measurement(spec, result, reader, keeper, started, evaluator)
+            _trusted_measurement(spec, result, reader, keeper, started, evaluator,
+                                 getattr(reader, "floor", -1))
     except BaseException:  # a cancel (KeyboardInterrupt in a Ray task) still frees the workspace volume
         sandbox.release(workdir, keep_workdir)
         raise
@@ -204,24 +219,31 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
 
 
 def _trusted_measurement(spec: RunSpec, result: RunResult, reader: CurveReader, keeper: CheckpointKeeper,
-                         started: float, evaluator: Evaluator) -> None:
+                         started: float, evaluator: Evaluator, floor: int = -1) -> None:
     """Check the log against what the sandbox observed, then recompute every point's loss from its
-    checkpoint on held-out data (env/trusted.py). Any disagreement makes the run invalid."""
+    checkpoint on held-out data (env/trusted.py). Any disagreement makes the run invalid. A run
+    continued after step `floor` (env/run_state.py) has its clock checked across the break, but
+    the weights before it were left on the lost node: it is measured after it, and stays untrusted."""
     trust, target = spec.target.trust, spec.target
     data_folder = data_root(target)
     assert trust is not None and data_folder is not None
     t = time.perf_counter()
     problems, info = log_problems(trust, reader, result.total_steps, started, target.resources.startup_s)
-    problems += keeper.problems(expected_steps(result.total_steps, trust.every))
+    problems += keeper.problems([s for s in expected_steps(result.total_steps, trust.every) if s > floor])
     result.provenance["trust"] = info
     if not problems:
+        scale = target.readout.scale  # the evaluator measures nats; the curve may hold bpb (readout.unit)
         measured = evaluator.finish(keeper.kept, data_folder / trust.heldout,
-                                    {p.step: p.val_loss for p in reader.points})
+                                    {p.step: p.val_loss / scale for p in reader.points})
         problems, info["losses"] = measured.problems, measured.losses
         info.update(measured.info)
+        if not problems and target.guards:  # scores that must not drop, from the evaluator's logits
+            result.guards, problems = measure_guards(target.guards, evaluator, keeper.kept, data_folder, info)
         if not problems:
-            result.curve = observed_curve(reader, measured.losses)
-            result.trust = Trust.TRUSTED.value
+            result.curve = observed_curve(reader, {s: v * scale for s, v in measured.losses.items()})
+            result.trust = Trust.TRUSTED.value if floor < 0 else result.trust
+            if floor >= 0:
+                info["continued"] = f"losses up to step {floor} are claimed: their weights were on the lost node"
     info["seconds"] = round(time.perf_counter() - t, 3)
     if problems:
         result.status, result.reason = Status.INVALID, "the log is not to be trusted: " + "; ".join(problems)

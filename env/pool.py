@@ -4,7 +4,10 @@ A local `ray.init()` by default, an address for a cluster, logical GPUs in tests
 retries a run (`max_retries=0`): a run lost with its worker or node raises `RunLost` from `get`,
 and the loop records the lost attempt and runs it again, elsewhere when it can (a lost run is the
 cluster's failure, never the candidate's). A failing trainer is not lost: evaluate returns, never
-raises. `view` says what the cluster can run now (nodes join and leave, the GCS may be gone).
+raises. A target with `[checkpoint]` sends its runs' states back to a store on the controller's
+node (env/run_state.py), so a run sent again (or run again by a resumed search) continues from its
+last one; the state is dropped once the run's result is in. `view` says what the cluster can run
+now (nodes join and leave, the GCS may be gone).
 Compile caches are the machine's (env/cache_layer.py): filled by the base's runs, read by the
 candidates' through an overlay, so a candidate that keeps the graph does not pay for compilation
 again and none can plant a kernel for another run.
@@ -30,6 +33,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, NodeL
 
 from env.evaluate import RunSpec, evaluate, make_sandbox
 from env.process_sandbox import MULTICAST_OFF
+from env.run_state import Continuation, RunStateStore, state_key
 from env.source import run_root_here, ship
 from search_space.records import RunResult
 from search_space.target import cache_dir
@@ -120,7 +124,7 @@ def _stopped(ref: ray.ObjectRef | None) -> bool:
 
 
 def _run(spec: RunSpec, sandbox_name: str, run_root: str, warm: bool = True, board: Any = None,
-         key: str = "") -> Finished:
+         key: str = "", store: Any = None, state: str = "") -> Finished:
     started = time.time()
     stop = board.wait.remote(key) if board is not None else None
     ctx = ray.get_runtime_context()
@@ -130,13 +134,17 @@ def _run(spec: RunSpec, sandbox_name: str, run_root: str, warm: bool = True, boa
     spec = replace(spec, gpu_ids=gpu_ids or spec.gpu_ids)
     here = run_root_here(spec, run_root)  # not the controller's folder on another node (env/source.py)
     slot = "gpu" + "-".join(gpu_ids) if gpu_ids else f"cpu-{os.getpid()}"
+    if gpu_ids and spec.target.resources.pack > 1:  # packed runs share the GPU: each worker is its own slot
+        slot += f"-p{os.getpid()}"
     cancel = threading.Event()
     box: dict[str, Any] = {}
 
     def work() -> None:
         try:
+            # a `[checkpoint]` target's run: restored from its saved state, if any (env/run_state.py)
+            cont = Continuation(spec, store, state) if store is not None else None
             box["result"] = evaluate(spec, _sandbox(sandbox_name, spec.target.docker_image, warm), Path(here),
-                                     cancel=cancel)
+                                     cancel=cancel, continuation=cont)
         except BaseException as e:  # handed to the task's thread below
             box["error"] = e
 
@@ -193,6 +201,8 @@ class Pool:
         self._board: Any = None  # made with the first run: an actor costs a worker process
         self._keys: dict[ray.ObjectRef, str] = {}
         self._sent: dict[ray.ObjectRef, tuple[RunSpec, float]] = {}  # what each run is, and when it was sent
+        self._store: Any = None  # checkpointed runs' states and progress (env/run_state.py), made when needed
+        self._states: dict[ray.ObjectRef, str] = {}  # run -> its state's key
         self._submitted = 0
         self.quarantined: set[str] = set()  # nodes no run goes to any more
         self.gcs_text = ray.get_runtime_context().gcs_address or ""
@@ -203,12 +213,12 @@ class Pool:
         self._raylet = getattr(node, "raylet_socket_name", None)
         self._raylet_proc = _raylet_process(self._raylet)
 
-    def warm_up(self, n: int, cpus: int = 1, gpus: int = 0) -> None:
+    def warm_up(self, n: int, cpus: int = 1, gpus: float = 0) -> None:
         """Start `n` worker processes now (Ray starts them lazily, a second or more each), so the
         first runs of a search do not wait for them."""
         ray.get([_noop.options(num_cpus=cpus, num_gpus=gpus).remote(0.2) for _ in range(n)])
 
-    def capacity(self, cpus: int, gpus: int) -> int:
+    def capacity(self, cpus: int, gpus: float) -> int:
         """How many runs of this size fit in the cluster at once (at least 1)."""
         return max(1, self.view(cpus, gpus).fits)
 
@@ -246,9 +256,10 @@ class Pool:
         except OSError:
             return False
 
-    def view(self, cpus: int, gpus: int) -> ClusterView:
+    def view(self, cpus: int, gpus: float) -> ClusterView:
         """The alive nodes, and how many runs of this size fit on those not quarantined. Counted
-        per node: two half-free nodes do not make room for a run that needs a whole one."""
+        per node: two half-free nodes do not make room for a run that needs a whole one. `gpus` is
+        a fraction for packed runs (`Resources.ray_gpus`)."""
         if not self.reachable():
             return ClusterView(False)
         fits, nodes = 0, []
@@ -256,7 +267,8 @@ class Pool:
             res = n.get("Resources") or {}
             if not n.get("Alive") or n["NodeID"] in self.quarantined:
                 continue
-            here = [int(res.get("CPU", 0) // max(cpus, 1))] + ([int(res.get("GPU", 0) // gpus)] if gpus else [])
+            # (the small margin: 0.3333 of a GPU fits 3 times in 1, as it does for Ray)
+            here = [int(res.get("CPU", 0) // max(cpus, 1))] + ([int(res.get("GPU", 0) / gpus + 1e-6)] if gpus else [])
             if min(here) > 0:
                 fits += min(here)
                 nodes.append(n["NodeID"])
@@ -271,7 +283,8 @@ class Pool:
             spec = replace(spec, env=spec.env + carried)
         spec = ship(spec)  # by value: the source, the passthrough environment, the code version (env/source.py)
         res = spec.target.resources
-        kw: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.gpus}
+        # Packed: 1/pack of a GPU each, so Ray runs `pack` of them at once on it, all seeing that GPU.
+        kw: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.ray_gpus}
         hard = {NODE_LABEL: NotIn(*sorted(self.quarantined))} if self.quarantined else {}
         soft = {NODE_LABEL: NotIn(avoid)} if avoid and avoid not in self.quarantined else None
         if hard or soft:
@@ -282,7 +295,10 @@ class Pool:
             self._board = _StopBoard.options(scheduling_strategy=here).remote()
         self._submitted += 1
         key = f"{self._submitted}-{spec.run_id}"
-        ref = options.remote(spec, self.sandbox, self.run_root, self.warm, self._board, key)
+        store, state = self._state_of(spec)
+        ref = options.remote(spec, self.sandbox, self.run_root, self.warm, self._board, key, store, state)
+        if state:
+            self._states[ref] = state
         self._keys[ref] = key
         self._sent[ref] = (spec, time.time())
         return ref
@@ -302,8 +318,12 @@ class Pool:
         spec, sent = self._sent.pop(ref, (None, time.time()))
         if not self.local_node_alive():  # not even a look at the result: Ray would end this process
             raise RunLost(spec, "", sent, rx.LocalRayletDiedError())
+        state = self._states.pop(ref, None)
         try:
-            return ray.get(ref)
+            finished = ray.get(ref)
+            if state:  # the controller has the result: the run's saved state is of no more use
+                self._store.drop.remote(state)
+            return finished
         except LOST as e:
             node, started = "", sent
             if key is not None and self._board is not None and self.reachable():
@@ -321,12 +341,28 @@ class Pool:
         keys = [self._keys.pop(r) for r in refs if r in self._keys]
         for r in refs:
             self._sent.pop(r, None)
+            self._states.pop(r, None)  # its saved state stays: a resumed search continues from it
         if keys:
             ray.get(self._board.stop.remote(keys))
         if refs and timeout > 0:
             _, left = ray.wait(refs, num_returns=len(refs), timeout=timeout)
             for ref in left:
                 ray.cancel(ref, force=True)
+
+    def _state_of(self, spec: RunSpec) -> tuple[Any, str]:
+        """The state store and the run's key there, for a target that checkpoints; kept beside the
+        search's runs folder (its `run_state/`), where a resumed search finds it."""
+        if spec.target.checkpoint is None:
+            return None, ""
+        if self._store is None:
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            folder = Path(self.run_root).parent / "run_state"
+            self._store = RunStateStore.options(scheduling_strategy=here).remote(str(folder))
+        return self._store, state_key(spec)
+
+    def running(self) -> dict[str, dict]:
+        """The checkpointed runs under way: their progress (step, total, observed seconds)."""
+        return ray.get(self._store.running.remote(), timeout=10) if self._store is not None else {}
 
     def cancel(self, ref: ray.ObjectRef) -> None:
         """End one run, without waiting for its task."""

@@ -53,7 +53,8 @@ class CurveReader:
             return None
         groups = m.groupdict()
         try:
-            step, loss, ms = int(groups["step"]), float(groups["val_loss"]), float(groups["train_ms"])
+            step, ms = int(groups["step"]), float(groups["train_ms"])
+            loss = float(groups["val_loss"]) * self.readout.scale  # nats, or bpb (readout.unit)
         except ValueError:
             self._flag(f"unreadable validation line: {line.strip()[:200]}")
             return None
@@ -113,7 +114,8 @@ class CurveReader:
                 continue
             try:
                 rec = json.loads(line)
-                self.add(int(rec["step"]), float(rec["val_loss"]), float(rec["train_ms"]), rec.get("total"))
+                self.add(int(rec["step"]), float(rec["val_loss"]) * self.readout.scale, float(rec["train_ms"]),
+                         rec.get("total"))
             except (ValueError, KeyError, TypeError) as e:
                 self._flag(f"{self.readout.metrics_file} line {n}: {e}")
 

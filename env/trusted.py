@@ -31,10 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from env import rule_probes
 from env.readout import CurveReader
 from env.sandbox import Limits, Sandbox, SandboxOutcome, SandboxRequest
 from search_space.records import Point
 from search_space.target import Trust
+from search_space.track_rules import TrackRules
 
 MAGIC, HEADER_INTS = 20240520, 256  # the NanoGPT speedrun's .bin shard: int32 header, uint16 tokens
 TAIL_CHARS = 1500
@@ -236,15 +238,18 @@ class Evaluator:
     """
 
     def __init__(self, trust: Trust, sandbox: Sandbox, materialise: Callable[[Path], None], run_dir: Path,
-                 env: dict[str, str], limits: Limits, hide: tuple[Path, ...], keep: bool = False):
+                 env: dict[str, str], limits: Limits, hide: tuple[Path, ...], keep: bool = False,
+                 rules: TrackRules | None = None):
         self.trust, self.sandbox, self.materialise = trust, sandbox, materialise
+        self.rules = rules  # the track's rules: their passes are env/rule_probes.py's
         self.env, self.limits, self.hide, self.keep = env, limits, hide, keep
         self.run_dir = run_dir
         self.early = "{go}" in trust.model_command
         self.cancel = threading.Event()
         self.normal = [Pass(f"trusted-{i}", run_dir / f"trusted-{i}") for i in range(NORMAL_SHARDS)]
         self.probe = Pass("probe", run_dir / "probe") if trust.probe_rows else None
-        self.passes = self.normal + ([self.probe] if self.probe else [])
+        self.rule_passes = [Pass(name, run_dir / name) for name in rule_probes.pass_names(rules)]
+        self.passes = self.normal + ([self.probe] if self.probe else []) + self.rule_passes
         self.started = False
 
     def start(self, wait_s: float = 0.0) -> None:
@@ -281,6 +286,9 @@ class Evaluator:
             p.steps, p.inputs = steps[i::len(self.normal)], windows[:, :-1]
         if self.probe is not None:
             self.probe.steps, self.probe.inputs = steps[-1:], probed
+        rule_plan = rule_probes.plan(self.rules, windows, heldout, rng)
+        for p in self.rule_passes:
+            p.steps, p.inputs = steps[-1:], rule_plan[p.name].inputs
         if not self.started:
             for p in self.passes:
                 self.materialise(p.folder)
@@ -308,6 +316,7 @@ class Evaluator:
             self._check_outcome(p)
         if self.probe is not None and not self.probe.problem:
             probe_logits = self._load(self.probe, 0)
+        rule_logits = {p.name: self._load(p, 0) for p in self.rule_passes if not p.problem}
         info: dict = {"heldout_windows": int(len(windows)), "heldout_tokens": int(windows[:, 1:].size),
                       "probe_rows": len(cuts), "process_s": {p.name: p.seconds for p in self.passes},
                       "started_early": self.early}
@@ -319,6 +328,7 @@ class Evaluator:
             info["probe_max_change"] = d
             if why:
                 problems.append(why)
+        problems += self._rule_problems(rule_plan, last, rule_logits, windows, heldout, info)
         losses = dict(sorted(losses.items()))
         for s in steps:
             c, m = claimed.get(s), losses[s]
@@ -328,6 +338,18 @@ class Evaluator:
         if len(problems) > 3:  # one loss line per checkpoint says nothing more after the first few
             problems[3:] = [f"{len(problems) - 3} more disagreements"]
         return Measured(losses, problems, info)
+
+    def _rule_problems(self, plan: dict, last: np.ndarray | None, logits: dict[str, np.ndarray],
+                       windows: np.ndarray, heldout: Path, info: dict) -> list[str]:
+        """The track's rules (env/rule_probes.py): its passes' logits, the windows, the data budget."""
+        if self.rules is None:
+            return []
+        found, info["rules"] = rule_probes.problems(self.rules, plan, last, logits)
+        info["rules"]["pack"], info["rules"]["heldout_digest"] = self.rules.pack, rule_probes.windows_digest(windows)
+        found += filter(None, [rule_probes.overlap_problem(self.rules, windows, heldout)])
+        data_folder = heldout.parents[len(Path(self.trust.heldout).parts) - 1]
+        why, info["rules"]["train_tokens"] = rule_probes.budget_problem(self.rules, data_folder)
+        return found + ([why] if why else [])
 
     def _stream(self, p: Pass, targets: np.ndarray) -> tuple[dict[int, float], np.ndarray | None]:
         """The loss of each checkpoint of the normal pass as soon as its file is complete (the server
@@ -410,3 +432,27 @@ def _tail(path: Path) -> str:
         return path.read_text(errors="replace")[-TAIL_CHARS:]
     except OSError:
         return ""
+
+
+def extra_pass(ev: Evaluator, name: str, steps: list[int], inputs: np.ndarray,
+               kept: dict[int, Path]) -> tuple[list[np.ndarray], str | None]:
+    """One more fresh model process of `ev`'s kind, run after `finish` (env/guard.py's guard corpora):
+    the same frozen model command, sandbox, limits and hidden paths, in a fresh copy of the committed
+    code; it loads the checkpoints of `steps` and writes logits for `inputs`. Returns the checked
+    logits, one array per step, or the problem. `ev.close()` removes its folder with the others'."""
+    p = Pass(name, ev.run_dir / name, steps=list(steps), inputs=inputs)
+    ev.passes.append(p)
+    ev.materialise(p.folder)
+    (p.folder / ".trusted").mkdir()
+    ev._hand_over(p, kept)  # the go file is there before the process starts: it goes straight on
+    command = ev.trust.model_command.format(ckpts=".trusted/ckpts.txt", inputs=".trusted/inputs.npy",
+                                            out=".trusted/out", go=".trusted/go")
+    request = SandboxRequest(command=command, workdir=p.folder, log_path=ev.run_dir / f"{name}.log",
+                             env=dict(ev.env), limits=dataclasses.replace(ev.limits, timeout_s=ev.trust.timeout_s),
+                             data=None, hide=ev.hide)
+    ev._run(p, request)
+    ev._check_outcome(p)
+    logits = [] if p.problem else [ev._load(p, i) for i in range(len(p.steps))]
+    if p.problem or any(x is None for x in logits):
+        return [], p.problem or "no logits"
+    return logits, None

@@ -75,8 +75,12 @@ def slot_key(request: SandboxRequest, interpreter: str, isolated: bool) -> tuple
     # Which GPUs is not fixed: CUDA_VISIBLE_DEVICES is set at the go, before anything initialises CUDA.
     limits = replace(request.limits, gpu_ids=())
     gpus = bool(request.limits.gpu_ids) or bool(request.env.get("CUDA_VISIBLE_DEVICES"))
-    return (interpreter, request.data, request.cache_dir, tuple(request.hide), limits, gpus,
-            tuple(request.warm_imports), isolated)
+    # Whether the run writes the shared compile cache is fixed too: a base run's slot has the shared
+    # folder bound writable and no overlay, a candidate's the overlay only. Without it in the key a
+    # candidate took a base's slot and compiled cold into an empty folder (issue #11: the first
+    # candidate after the base's runs), and could have written the shared cache.
+    return (interpreter, request.data, request.cache_dir, bool(request.cache_write), tuple(request.hide), limits,
+            gpus, tuple(request.warm_imports), isolated)
 
 
 @dataclass

@@ -105,6 +105,7 @@ def export(db: RunsDB, commit: str, name: str, target: Target, *, repo: Path | N
                   "confirmation_words": _confirmation(db, commit)})
     ablation, record = db.get_state(ABLATION_STATE + commit, None), db.get_state(RECORD_STATE + commit, None)
     facts["record_steps"] = record.get("steps") if isinstance(record, dict) else None
+    facts["rules"] = target.rules.text() if target.rules else None  # the track's rules, in plain words
     patch = db.diff(commit, against=db.base_commit)
     files = _files(db, target, commit, paired, facts, changes, ablation, record, patch, folder)
 

@@ -105,6 +105,9 @@ def search_target_loss(db: RunsDB, target: Target, fidelity: str = "full") -> fl
 def budget_words(target: Target, fidelity: str) -> str:
     """loss_at_budget's budget in words, e.g. "300 steps"."""
     fid = target.fidelities.get(fidelity)
+    budget = getattr(target.objective, "budget", None)  # search_space/budget.py: tokens, epochs, wall time
+    if budget is not None and fid is not None:
+        return budget.words(fid.steps)
     return f"{fid.steps} steps" if fid is not None and getattr(fid, "steps", None) else fidelity
 
 

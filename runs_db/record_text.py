@@ -123,6 +123,14 @@ def _record(rec: dict[str, Any] | None) -> list[str]:
     return ["## Record", "", verdict, "", *rows, ""]
 
 
+def _rules(f: dict[str, Any]) -> list[str]:
+    """The track's evaluation rules the runs were held to (search_space/track_rules.py), when declared."""
+    if not f.get("rules"):
+        return []
+    return ["## Evaluation rules", "", "Every run above was held to these by the trusted evaluator:", "",
+            f["rules"], ""]
+
+
 def readme(f: dict[str, Any], changes: list[dict[str, str]], ab: dict[str, Any] | None, rec: dict[str, Any] | None,
            patch: str, logs: list[str]) -> str:
     env = "\n".join(f"- {k}: {v}" for k, v in f["environment"].items())
@@ -139,7 +147,7 @@ def readme(f: dict[str, Any], changes: list[dict[str, str]], ab: dict[str, Any] 
              f"paired one-sided p = {fmt(f['paired_pvalue'], '.3g')})", f"- {f['confirmation_words']}", "",
              summary_table(f), "", f"![validation loss, candidate vs base]({PLOT_NAME})", "",
              "### Pairs", "", *_pairs_table(f), "",
-             *_ablation(ab), *_record(rec),
+             *_ablation(ab), *_record(rec), *_rules(f),
              "## Hardware and software", "", env, "",
              "## Logs", "", "One per run, each starting with the full source of the trainer as it ran:", "",
              *[f"- [{name}]({name})" for name in logs], "",

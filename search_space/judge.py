@@ -31,6 +31,8 @@ from statistics import mean, stdev
 
 from scipy import stats
 
+from search_space.budget import Budget
+from search_space.guard import guarded, hold_guards  # noqa: F401 (the verdict's guard step: loop and tests call judge's)
 from search_space.records import Point
 
 KINDS = ("time_to_target", "steps_to_target", "loss_at_budget")
@@ -80,15 +82,21 @@ def crossing(curve: list[Point], target_loss: float, axis: str = "train_ms") -> 
     return None
 
 
-def run_objective(kind: str, curve: list[Point], target_loss: float) -> Obs | None:
-    """The objective of one run's (trusted) curve; None when there is no curve."""
+def run_objective(kind: str, curve: list[Point], target_loss: float, budget: Budget | None = None) -> Obs | None:
+    """The objective of one run's (trusted) curve; None when there is no curve. loss_at_budget reads
+    the last validation inside `budget` (default: the one `kind` carries, search_space/budget.py;
+    without one, the run's end); a run with no validation inside it gets an infinite loss."""
     if kind not in KINDS:
         raise ValueError(f"objective {kind!r}: use one of {', '.join(KINDS)}")
     finite = [p for p in curve if math.isfinite(p.val_loss)]
     if not finite:
         return None
     if kind == "loss_at_budget":
-        return Obs(finite[-1].val_loss) if len(finite) == len(curve) else Obs(math.inf)
+        budget = budget or getattr(kind, "budget", None)
+        inside = budget.cut(curve) if budget is not None else curve
+        if not inside or not all(math.isfinite(p.val_loss) for p in inside):
+            return Obs(math.inf)
+        return Obs(inside[-1].val_loss)
     axis = "train_ms" if kind == "time_to_target" else "step"
     x = crossing(finite, target_loss, axis)
     return Obs(x) if x is not None else Obs(float(getattr(curve[-1], axis)), True)
@@ -211,6 +219,8 @@ def speedup(kind: str, target_loss: float, pairs: list[tuple[Obs, Obs]], confide
             budget: str = "", versus: str = "") -> Speedup:
     """The speed-up over (candidate, baseline) pairs, each measured on one node in one window."""
     g, censored = gains(kind, pairs)
+    if not budget and getattr(kind, "budget", None) is not None and kind == "loss_at_budget":
+        budget = kind.budget.words()  # e.g. "the budget in tokens (bpb)" where the caller knows no steps
     m, low, high = _interval(g, confidence)
     if kind == "loss_at_budget":  # shown as candidate - base: flip the gain's sign and its bounds
         est, lo, hi = -m, -high, -low

@@ -10,7 +10,9 @@ Three formats:
   own clock; without it, the sandbox's arrival time of the line, since the run started, is used).
 
 `unit` says what the curve holds: "loss" (nats per token, the default) or "bpb", which needs
-`tokens_per_byte` to convert a loss or a perplexity (bpb = loss x tokens_per_byte / ln 2).
+`tokens_per_byte` to convert a loss or a perplexity (bpb = loss x tokens_per_byte / ln 2). With the
+`speedrun` and `jsonl` formats the line's val_loss is a loss in nats; `unit = "bpb"` converts it
+(and the trusted evaluator's measured loss) the same way.
 Every problem is refused when the target loads, with the reason.
 """
 
@@ -50,6 +52,13 @@ class Readout:
         """What a point's step counts: "epoch" where the pattern reads epochs, else "step"."""
         return "epoch" if self.format == "regex" and "epoch" in re.compile(self.pattern).groupindex else "step"
 
+    @property
+    def scale(self) -> float:
+        """The factor from a loss in nats per token to the curve's unit (1 for "loss")."""
+        if self.unit == "bpb" and self.tokens_per_byte is not None:
+            return self.tokens_per_byte / math.log(2)
+        return 1.0
+
     def value(self, groups: dict[str, str | None]) -> float:
         """The curve's value from a regex match's groups, in `unit`; ValueError when unreadable."""
         if groups.get("bpb") is not None:
@@ -82,8 +91,10 @@ def parse_readout(ro: dict[str, Any]) -> Readout:
         raise ReadoutError(f"readout.tokens_per_byte: {tpb!r} is not a positive number")
     if fmt == "regex":
         _check_pattern(pattern, unit, tpb)
-    elif pattern or unit != "loss":
-        raise ReadoutError("readout.pattern and readout.unit: only with format = \"regex\"")
+    elif pattern:
+        raise ReadoutError("readout.pattern: only with format = \"regex\"")
+    elif unit == "bpb" and tpb is None:
+        raise ReadoutError("readout.unit = \"bpb\" from a loss needs readout.tokens_per_byte")
     return Readout(fmt, line_regex, _str(ro, "metrics_file", "metrics.jsonl"), pattern, unit,
                    None if tpb is None else float(tpb))
 

@@ -47,6 +47,8 @@ class RunResult:
     provenance: dict[str, Any] = field(default_factory=dict)
     claimed: list[Point] = field(default_factory=list)
     trust: str = Trust.UNTRUSTED.value
+    # guard name -> its score, computed on the host from the trusted evaluator's logits (search_space/guard.py)
+    guards: dict[str, float] = field(default_factory=dict)
 
     @property
     def trusted(self) -> bool:

@@ -14,17 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from search_space.budget import KEYS as BUDGET_KEYS
+from search_space.budget import BudgetError, Objective, parse_budget
 from search_space.errors import UserError
+from search_space.guard import Guard, GuardError, parse_guards
 from search_space.knobs import Knob, parse_knob
 from search_space.readout import KEYS as READOUT_KEYS
 from search_space.readout import SPEEDRUN_LINE, Readout, ReadoutError, parse_readout
+from search_space.track_rules import RulesError, TrackRules, check_against, parse_rules
 
 __all__ = ["SPEEDRUN_LINE", "Readout"]  # also here: where targets were always read from
 
 OBJECTIVES = ("time_to_target", "steps_to_target", "loss_at_budget")
 FIDELITY_ORDER = ("smoke", "short", "full")
 # {data_rel}: the data folder as a path relative to the run's working folder (data.link)
-TEMPLATE_VARS = ("seed", "steps", "nproc", "data", "data_rel")
+# {resume}: the state folder a continued run starts from, "" when it starts fresh ([checkpoint])
+TEMPLATE_VARS = ("seed", "steps", "nproc", "data", "data_rel", "resume")
 
 
 def cache_dir() -> Path:
@@ -40,16 +45,17 @@ class TargetError(UserError):
 # with the nearest valid name: a misspelt `target_los` silently ignored would change what is searched.
 KEYS: dict[str, tuple[str, ...]] = {
     "": ("name", "description", "ideas", "repo", "run", "files", "readout", "objective", "fidelities",
-         "resources", "data", "trust", "knobs"),
+         "resources", "data", "trust", "knobs", "rules", "guard", "checkpoint"),
     "repo": ("path", "base_ref"),
     "run": ("command", "env", "passthrough_env", "docker_image", "warm_imports"),
     "files": ("editable", "frozen", "markers"),
     "readout": READOUT_KEYS,
-    "objective": ("kind", "target_loss"),
-    "resources": ("gpus", "cpus", "memory_mb", "timeout_s", "startup_s", "pids", "log_mb", "disk_mb"),
+    "objective": ("kind", "target_loss", *BUDGET_KEYS),
+    "resources": ("gpus", "cpus", "memory_mb", "timeout_s", "startup_s", "pids", "log_mb", "disk_mb", "pack"),
     "data": ("path", "prepare", "mount", "link"),
     "knobs": ("name", "type", "low", "high", "log", "step", "choices", "via", "key", "file"),
     "fidelity": ("steps", "fraction"),
+    "checkpoint": ("every", "path", "max_mb"),
 }
 
 
@@ -81,7 +87,7 @@ def check_keys(table: Any, where: str, known: tuple[str, ...] | list[str]) -> No
 
 def _check_all_keys(raw: dict) -> None:
     check_keys(raw, "", KEYS[""])
-    for table in ("repo", "run", "files", "readout", "objective", "resources", "data"):
+    for table in ("repo", "run", "files", "readout", "objective", "resources", "data", "checkpoint"):
         check_keys(raw.get(table), table, KEYS[table])
     for name, spec in (raw.get("fidelities") or {}).items() if isinstance(raw.get("fidelities"), dict) else ():
         check_keys(spec, f"fidelities.{name}", KEYS["fidelity"])
@@ -131,6 +137,17 @@ class Trust:
 
 
 @dataclass(frozen=True)
+class RunCheckpoint:
+    """The `[checkpoint]` section: the trainer saves resumable state so a run lost with its node, or
+    cut off by a stop, continues instead of starting again (env/run_state.py). Not the trusted
+    evaluator's weight checkpoints (`[trust] checkpoints`)."""
+
+    every: int  # steps (or epochs) between the states the worker sends back to the controller
+    path: str  # a folder inside the workdir the trainer writes its state to, its STEP file last
+    max_mb: int = 1024  # a state larger than this is not kept (it travels by value)
+
+
+@dataclass(frozen=True)
 class Resources:
     """What one run may use. `memory_mb` is enforced by the sandbox; `timeout_s` kills the run."""
 
@@ -144,10 +161,18 @@ class Resources:
     pids: int = 512  # processes and threads at once
     log_mb: int = 64  # log bytes kept; past it the run is invalid
     disk_mb: int = 4096  # the workspace's size; past it the run fails ("disk quota")
+    # Runs that share one GPU at once (gpus = 1 only): each asks Ray for 1/pack of it. Its start-up,
+    # compile and validation leave the GPU idle; packed runs fill those gaps with each other's steps.
+    pack: int = 1
 
     @property
     def run_timeout_s(self) -> float:
         return self.timeout_s + self.startup_s
+
+    @property
+    def ray_gpus(self) -> float:
+        """The GPUs one run asks Ray for: a fraction when runs are packed (Ray counts in 1e-4)."""
+        return self.gpus if self.pack == 1 else round(self.gpus / self.pack, 4)
 
 
 @dataclass(frozen=True)
@@ -180,11 +205,14 @@ class Target:
     # globs (the speedrun's); `{data_rel}` renders as it.
     data_link: str | None = None
     trust: Trust | None = None  # None: results are `untrusted` (claimed losses, observed times)
+    rules: TrackRules | None = None  # the track's evaluation rules ([rules]); held to by the trusted evaluator
+    guards: tuple[Guard, ...] = ()  # [[guard]]: scores that must not drop (search_space/guard.py)
     knobs: tuple[Knob, ...] = ()
     ideas_file: Path | None = None
     description: str = ""
     docker_image: str = "speedsearch-runner:latest"
     source: Path | None = None  # the target.toml it came from
+    checkpoint: RunCheckpoint | None = None  # None: a lost run starts again from zero
 
     def steps(self, fidelity: str) -> int:
         try:
@@ -192,17 +220,20 @@ class Target:
         except KeyError:
             raise TargetError(f"fidelity {fidelity!r}: target {self.name} has {sorted(self.fidelities)}") from None
 
-    def render_command(self, *, seed: int, steps: int, data: str | Path, nproc: int | None = None) -> str:
-        return self.command.format(**self._fills(seed, steps, data, nproc))
+    def render_command(self, *, seed: int, steps: int, data: str | Path, nproc: int | None = None,
+                       resume: str = "") -> str:
+        return self.command.format(**self._fills(seed, steps, data, nproc, resume))
 
-    def render_env(self, *, seed: int, steps: int, data: str | Path, nproc: int | None = None) -> dict[str, str]:
+    def render_env(self, *, seed: int, steps: int, data: str | Path, nproc: int | None = None,
+                   resume: str = "") -> dict[str, str]:
         """`run.env` with its placeholders filled, like the command's."""
-        fills = self._fills(seed, steps, data, nproc)
+        fills = self._fills(seed, steps, data, nproc, resume)
         return {k: v.format(**fills) for k, v in self.env.items()}
 
-    def _fills(self, seed: int, steps: int, data: str | Path, nproc: int | None) -> dict[str, object]:
+    def _fills(self, seed: int, steps: int, data: str | Path, nproc: int | None, resume: str = "") -> dict[str, object]:
         nproc = nproc if nproc is not None else max(1, self.resources.gpus)
-        return {"seed": seed, "steps": steps, "nproc": nproc, "data": str(data), "data_rel": self.data_link or ""}
+        return {"seed": seed, "steps": steps, "nproc": nproc, "data": str(data), "data_rel": self.data_link or "",
+                "resume": resume}
 
 
 def _get(d: dict, key: str, kind: type | tuple, where: str, default: Any = ...) -> Any:
@@ -294,6 +325,17 @@ def _trust(raw: Any, readout: Readout) -> Trust:
     return Trust(**got)
 
 
+def _rules(raw: Any, trust: Trust | None, data_path: str | None, mount: str | None) -> TrackRules:
+    """The `[rules]` section (search_space/track_rules.py), checked against `[trust]` and `[data]`."""
+    try:
+        return check_against(parse_rules(raw), seq_len=trust.seq_len if trust else None,
+                             probe_rows=trust.probe_rows if trust else None,
+                             probe_tolerance=trust.probe_tolerance if trust else None,
+                             heldout=trust.heldout if trust else None, mount=mount, has_data=bool(data_path))
+    except RulesError as e:
+        raise TargetError(str(e)) from None
+
+
 def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
     _check_all_keys(raw)
     name = _get(raw, "name", str, "target")
@@ -314,6 +356,8 @@ def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
                 raise TargetError(f"{where}: unknown placeholder {{{var}}} (use {', '.join(TEMPLATE_VARS)})")
             if var == "data_rel" and not link:
                 raise TargetError(f"{where}: {{data_rel}} needs data.link (where the run finds the data)")
+            if var == "resume" and "checkpoint" not in raw:
+                raise TargetError(f"{where}: {{resume}} needs a [checkpoint] section (where the state is saved)")
 
     files = _get(raw, "files", dict, "target")
     editable = _str_list(files, "editable", "files")
@@ -329,6 +373,10 @@ def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
     kind = _get(obj, "kind", str, "objective", "time_to_target")
     if kind not in OBJECTIVES:
         raise TargetError(f"objective.kind: {kind!r} is not one of {', '.join(OBJECTIVES)}")
+    try:
+        kind = Objective(kind, parse_budget(obj, kind, readout.counts, readout.unit))
+    except BudgetError as e:
+        raise TargetError(str(e)) from None
     target_loss = _get(obj, "target_loss", (float, int, str), "objective", "baseline")
     if isinstance(target_loss, str) and target_loss != "baseline":
         raise TargetError(f"objective.target_loss: a number or \"baseline\", got {target_loss!r}")
@@ -345,10 +393,14 @@ def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
         pids=_get(res, "pids", int, "resources", 512),
         log_mb=_get(res, "log_mb", int, "resources", 64),
         disk_mb=_get(res, "disk_mb", int, "resources", 4096),
+        pack=_get(res, "pack", int, "resources", 1),
     )
     if resources.gpus < 0 or resources.cpus < 1 or (resources.memory_mb or 64) < 64 or resources.timeout_s <= 0 \
             or resources.startup_s < 0 or resources.pids < 16 or resources.log_mb < 1 or resources.disk_mb < 0:
         raise TargetError(f"resources: out of range: {resources}")
+    if not 1 <= resources.pack <= 16 or (resources.pack > 1 and resources.gpus != 1):
+        raise TargetError(f"resources.pack: 1 to 16 runs on one GPU (with gpus = 1), got pack = {resources.pack} "
+                          f"with gpus = {resources.gpus}")
 
     data_path = _get(data, "path", str, "data", None)
     if link is not None and (not data_path or not link.strip("/.") or Path(link).is_absolute()
@@ -358,6 +410,8 @@ def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
     if mount is not None and (Path(mount).is_absolute() or ".." in Path(mount).parts or not data_path):
         raise TargetError(f"data.mount: a subfolder of data.path, got {mount!r}")
     trust = _trust(raw["trust"], readout) if "trust" in raw else None
+    checkpoint = _checkpoint(raw["checkpoint"], readout) if "checkpoint" in raw else None
+    rules = _rules(raw["rules"], trust, data_path, mount) if "rules" in raw else None
     knobs_raw = _get(raw, "knobs", list, "target", [])
     knobs = tuple(parse_knob(k, f"knobs[{i}]", TargetError) for i, k in enumerate(knobs_raw))
     ideas = _get(raw, "ideas", str, "target", None)
@@ -385,12 +439,43 @@ def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
         data_mount=mount,
         data_link=link,
         trust=trust,
+        rules=rules,
+        guards=_guards(raw["guard"], trust, mount) if "guard" in raw else (),
         knobs=knobs,
         ideas_file=(root / ideas).resolve() if ideas else None,
         description=_get(raw, "description", str, "target", ""),
         docker_image=_get(run, "docker_image", str, "run", "speedsearch-runner:latest"),
         source=source,
+        checkpoint=checkpoint,
     )
+
+
+def _checkpoint(raw: Any, readout: Readout) -> RunCheckpoint:
+    """`[checkpoint]`: every (a positive count of the readout's steps or epochs) and path (a plain
+    relative folder inside the workdir: what is in it is packed and restored, nothing else)."""
+    if not isinstance(raw, dict):
+        raise TargetError(f"checkpoint: expected a table, got {type(raw).__name__}")
+    every = _get(raw, "every", int, "checkpoint")
+    if isinstance(every, bool) or every < 1:
+        raise TargetError(f"checkpoint.every: a positive number of {readout.counts}s, got {every!r}")
+    path = _get(raw, "path", str, "checkpoint")
+    parts = Path(path).parts
+    # not the sandbox's scratch, git's folder, or `.resume` (where a saved state is restored: env/run_state.py)
+    if not path.strip("/. ") or Path(path).is_absolute() or ".." in parts or parts[0] in (".sandbox", ".git",
+                                                                                           ".resume"):
+        raise TargetError(f"checkpoint.path: a relative folder inside the workdir, got {path!r}")
+    max_mb = _get(raw, "max_mb", int, "checkpoint", 1024)
+    if max_mb < 1:
+        raise TargetError(f"checkpoint.max_mb: must be positive, got {max_mb}")
+    return RunCheckpoint(every=every, path=str(Path(path)), max_mb=max_mb)
+
+
+def _guards(raw: Any, trust: Trust | None, mount: str | None) -> tuple[Guard, ...]:
+    """`[[guard]]` (search_space/guard.py): scored from the trusted evaluator's logits, so `[trust]` is needed."""
+    try:
+        return parse_guards(raw, trust.seq_len if trust else None, mount)
+    except GuardError as e:
+        raise TargetError(str(e)) from None
 
 
 def load_target(spec: str | Path) -> Target:

@@ -1,3 +1,14 @@
+# ==== the suite runs in parallel (pytest-xdist, `-n 2 --dist loadfile`): one Ray per worker ==========
+# A plain `ray.init()` joins the cluster named in <ray temp dir>/ray_current_cluster, which a test's own
+# `ray start` writes. Each xdist worker gets its own Ray temp dir, so no worker joins another's cluster.
+import os as _px_os  # noqa: E402
+
+if _px_os.environ.get("PYTEST_XDIST_WORKER"):
+    _px_os.environ["RAY_TMPDIR"] = f"/tmp/ray-{_px_os.environ['PYTEST_XDIST_WORKER']}"
+    _px_os.makedirs(_px_os.environ["RAY_TMPDIR"], exist_ok=True)
+# ==== end of the parallel section ===============================================================
+
+
 # ==== runs_db: PostgreSQL server and storage parametrisation (owner: runs_db) =================
 # A throwaway PostgreSQL server for the whole session (tests/pg.py), or SPEEDSEARCH_TEST_PG_URL.
 # Tests that take the `storage_url` fixture run once on SQLite and once on PostgreSQL.

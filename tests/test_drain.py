@@ -15,6 +15,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from agent import ladder
 from agent.live import Live
 from agent.loop import Search
 from agent.names import Rung, Verdict
@@ -23,6 +24,7 @@ from agent.runner import build_proposers, open_search
 from agent.settings import SearchSettings
 from env.pool import Pool
 from runs_db.db import RunsDB
+from search_space import judge
 from tests.toy import make_toy
 
 DRAIN_MIN = 1.0  # the drain allowed; the toy's confirmation needs a few seconds of it
@@ -107,3 +109,72 @@ def test_with_no_drain_the_confirmation_is_cut_off_and_says_so(ray_cluster, tmp_
     assert any("cut off" in n and "1 confirmation" in n for n in notes), notes
     assert "nothing was confirmed" in notes[-1]
 
+
+
+class Watched(Search):
+    """The real Search, watched: what it sends to Ray, in order, and when each confirmation ends."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.events: list[tuple] = []  # ("run", trial number, role, seed, rung) | ("verdict", trial number)
+        self.most_inflight = 0
+
+    def _dispatch(self) -> None:
+        before = set(self.inflight)
+        super()._dispatch()
+        self.most_inflight = max(self.most_inflight, len(self.inflight))
+        for ref in [r for r in self.inflight if r not in before]:  # dicts keep the order of submission
+            t, role, seed = self.inflight[ref]
+            self.events.append(("run", t.number, role, seed, t.rung))
+
+    def _end(self, t, verdict, attrs) -> None:
+        super()._end(t, verdict, attrs)
+        if t.rung == Rung.CONFIRM:
+            self.events.append(("verdict", t.number))
+
+
+def test_two_workers_finish_one_confirmation_before_the_next_and_send_pairs_together(ray_cluster, tmp_path: Path,
+                                                                                   monkeypatch):
+    """The idea library's two real gains (a higher rate, less sleep) reach confirm close together on
+    2 workers. Ray never holds more runs than there are workers; a pair's two runs are sent
+    together; the confirmation started second sends no run before the first has its verdict. The
+    machine is taken as busy (ladder.PAIR_SPREAD below any spread), so short and full run beside a
+    base partner too, recorded in its own base trial, and judged against it."""
+    monkeypatch.setattr(ladder, "PAIR_SPREAD", -1.0)
+    toy = make_toy(tmp_path / "toy", gpus=1, sleep=0.02, full=20, short=10)
+    settings = SearchSettings(target=str(toy.source), proposers=("ideas",), seeds=2, workers=2,
+                              allow_untrusted=True, budget_trials=12)
+    db, settings = open_search(tmp_path / "search", settings)
+    with db:
+        s = Watched(db, toy, settings, Pool(run_root=tmp_path / "runs"), build_proposers(settings, toy, db),
+                    Live(enabled=False))
+        s.run()
+    assert s.most_inflight <= 2, f"{s.most_inflight} runs were in Ray at once on 2 workers"
+    runs = [e for e in s.events if e[0] == "run"]
+    for k, e in enumerate(runs):  # every base partner right after its candidate run, with the same seed
+        if e[2] == "base":
+            assert runs[k - 1][1:] == (e[1], "candidate", e[3], e[4]), f"pair not sent together: {runs[k - 1:k + 1]}"
+    confirm = [e for e in runs if e[4] == Rung.CONFIRM]
+    order = []  # confirmations in the order they started
+    for e in confirm:
+        if e[1] not in order:
+            order.append(e[1])
+    assert len(order) >= 2, f"fewer than two confirmations ran: {s.events}"
+    for first, second in zip(order, order[1:], strict=False):
+        done = s.events.index(("verdict", first)) if ("verdict", first) in s.events else len(s.events)
+        early = [e for e in s.events[:done] if e[0] == "run" and e[1] == second]
+        assert early == [], f"confirmation {second} ran {early} before {first} had its verdict"
+    with RunsDB.open(tmp_path / "search") as db:
+        trials = db.trials()
+        partners = {t.attrs["pairs_for"]: t for t in trials if t.attrs.get("pairs_for") is not None}
+        screened = [t for t in trials if t.proposer != "baseline" and t.fidelity in ("short", "full")
+                    and t.state == "complete"]
+        assert screened
+        for t in screened:
+            b = partners.get(t.number)
+            assert b is not None and b.fidelity == t.fidelity and b.state == "complete", (t, b)
+            assert [r.seed for r in db.runs(b.number)] == [0]
+            assert "its base run side by side" in t.attrs["speedup_text"], t.attrs["speedup_text"]
+        for t in trials:  # confirm's partners: its fresh seeds only, never a screening partner's seed 0
+            if t.proposer != "baseline" and t.fidelity == "confirm" and t.number in partners:
+                assert min(r.seed for r in db.runs(partners[t.number].number)) >= judge.SEED_FLOOR

@@ -90,3 +90,30 @@ def test_pairs_form_on_one_node_in_draw_order():
     got, lost = ladder.confirm_pairs(cand, base, "time_to_target", 2.0, order)
     assert lost == 2  # seed 5 ran on two nodes, seed 9's baseline failed
     assert [(round(c.value), round(b.value)) for c, b in got] == [(267, 533), (333, 667)]  # seeds 7 then 3
+
+
+def test_screening_pairs_only_on_a_busy_machine_with_two_workers():
+    assert ladder.screen_paired(0.5, 2)  # this shared machine's spread of one run
+    assert not ladder.screen_paired(0.03, 64)  # a quiet machine: the base's mean is the better yardstick
+    assert not ladder.screen_paired(0.5, 1)  # one worker cannot run a pair side by side
+    # the slack is only at full, and only when paired
+    assert ladder.screen_bar(Rung.FULL, 1.0, True) == ladder.PAIRED_FULL_SLACK < 1.0
+    assert ladder.screen_bar(Rung.SHORT, 1.0, True) == 1.0
+    assert ladder.screen_bar(Rung.FULL, 1.0, False) == 1.0
+
+
+def test_the_bases_spread_decides_screening(tmp_path):
+    """Baselines.spread: the sd of the base's log time to the target over its recent runs."""
+    from agent.baseline import Baselines
+    from tests.toy import make_toy
+
+    def base_run(seed: int, t_ms: float) -> RunResult:
+        return RunResult(Status.OK, curve=[Point(0, 4.0, 0.0), Point(10, 2.0, t_ms / 2), Point(20, 1.0, t_ms)],
+                         seed=seed)
+
+    quiet, busy = Baselines(make_toy(tmp_path / "q")), Baselines(make_toy(tmp_path / "b"))
+    quiet.add("full", [base_run(s, t) for s, t in enumerate((1000, 1020, 990, 1010))])
+    busy.add("full", [base_run(s, t) for s, t in enumerate((1000, 1900, 700, 1400))])
+    assert quiet.spread("full") < ladder.PAIR_SPREAD < busy.spread("full")
+    assert not ladder.screen_paired(quiet.spread("full"), 2) and ladder.screen_paired(busy.spread("full"), 2)
+    assert quiet.spread("short") == 0.0  # not measured there: nothing to pair by

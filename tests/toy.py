@@ -34,8 +34,9 @@ TRAIN = textwrap.dedent('''
         for i in range(0, len(hog), 4096):
             hog[i] = 1
     if MODE == "hang-child":
-        subprocess.Popen([sys.executable, "-c",
-                          "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        subprocess.Popen([sys.executable, "-c",  # its run's folder in its argv: a test finds its own
+                          "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
+                          os.getcwd()])
     every = max(1, args.steps // 5)
     for step in range(args.steps + 1):
         if step % every == 0 or step == args.steps:

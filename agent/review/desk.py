@@ -86,11 +86,10 @@ class Desk:
         s.live.started(t.number, t)
         self.replaying[commit] = t
         t.expect(seeds, paired=True)
-        for seed in seeds:  # interleaved: the candidate, then the base with the same seed
-            for role, c in ((CANDIDATE, commit), (BASE, db.base_commit)):
-                spec = RunSpec(s.target, seed=seed, fidelity=FIDELITY, repo=db.repo_path, commit=c,
-                               run_id=f"{purpose}-{role[0]}-s{seed}-{c[:8]}")
-                s.inflight[s.pool.submit(spec)] = (t, role, seed)
+        for seed in seeds:  # pairs: the candidate and the base with the same seed, sent together when workers free
+            s.send_later(t, [(t, role, seed, RunSpec(s.target, seed=seed, fidelity=FIDELITY, repo=db.repo_path,
+                                                     commit=c, run_id=f"{purpose}-{role[0]}-s{seed}-{c[:8]}"))
+                             for role, c in ((CANDIDATE, commit), (BASE, db.base_commit))])
         s.live.note(f"replaying approved {commit[:8]} ({purpose}, {len(seeds)} seeds beside the base)")
 
     def finish(self, t: Trial) -> None:
@@ -108,7 +107,7 @@ class Desk:
                  "pvalue": judge.pvalue(gains) if len(gains) >= 2 else None,
                  "loss_pvalue": judge.speedrun_pvalue([r.final.val_loss for r in paired.candidate], base.target_loss),
                  "target_loss": base.target_loss, "trusted": paired.untrusted == 0, "approved": True,
-                 "worker_seconds": t.worker_s, "gpu_seconds": t.worker_s * s.target.resources.gpus}
+                 "worker_seconds": t.worker_s, "gpu_seconds": t.worker_s * s.target.resources.ray_gpus}
         value = sum(c.value for c, _ in obs) / len(obs) if obs and len(paired.candidate) == len(cand) else None
         base_value = sum(b.value for _, b in obs) / len(obs) if obs else None
         s.recorder.call(db.finish_trial, t.number, value, cand, attrs, "complete" if value is not None else "fail")

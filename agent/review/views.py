@@ -12,6 +12,7 @@ from typing import Any
 from agent.names import Rung, Who
 from agent.report import speedup_words
 from agent.review import diffview
+from env.run_progress import progress_line, progress_rows
 from runs_db.curves import baseline_band
 from runs_db.db import RunsDB
 from runs_db.pairs import paired_runs
@@ -40,7 +41,8 @@ def table(db: RunsDB) -> dict[str, Any]:
     """Every trial as a row, the reviews (recorded and still queued), and the search's base."""
     rows = [_row(t) for t in db.trials()]
     return {"base": db.base_commit, "trials": rows, "reviews": {c: r.to_dict() for c, r in reviews(db).items()},
-            "queued": [q["commit"] for q in queued(db.dir)], "dir": str(db.dir)}
+            "queued": [q["commit"] for q in queued(db.dir)], "dir": str(db.dir),
+            "long_runs": [progress_line(r) for r in progress_rows(db.dir)]}  # epoch k of n, ETA
 
 
 def band(runs: list[RunResult]) -> list[dict[str, float]]:

@@ -11,6 +11,7 @@ BUILTINS = {
     "tinygpt-gpu": "tinygpt/target-gpu.toml",
     "tinygpt-ddp": "tinygpt/target-ddp.toml",
     "tinylm-epochs": "epochs/target.toml",
+    "tinylm-bpb": "slowrun/target.toml",
 }
 
 

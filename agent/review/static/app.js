@@ -256,7 +256,8 @@ async function poll() {
   if (!token) return;
   try {
     const fresh = await api("/api/trials");
-    const text = JSON.stringify(fresh);
+    $("longruns").textContent = (fresh.long_runs || []).join("\n");  // changes every poll: kept out of the compare
+    const text = JSON.stringify({...fresh, long_runs: null});
     $("live").textContent = `updated ${new Date().toLocaleTimeString()}`;
     if (text === dataText) return;
     data = fresh;

@@ -1,7 +1,11 @@
 """tinylm-epochs: a small byte-level language model trained for whole epochs on a fixed slice of
 data, the way a hobbyist's trainer runs for hours; it prints its own table, not speedrun lines.
 
-    python train.py --seed 0 --epochs 8 --data DIR
+    python train.py --seed 0 --epochs 8 --data DIR [--state DIR] [--resume DIR]
+
+With --state, the trainer saves everything it needs to go on (model, optimizer, RNG states, the
+epoch) after each epoch, and --resume DIR (a state saved by an earlier run of the same command)
+continues exactly where that state was taken: the continued curve equals an unbroken run's.
 
 An epoch is EPOCH_BATCHES batches drawn from the first EPOCH_TOKENS training tokens (the same
 tokens every epoch: the data is the budget). After each epoch the frozen code below measures the
@@ -71,11 +75,36 @@ def windows(data, starts):
     return chunk[:, :-1], chunk[:, -1]
 
 
+def save_state(folder, epoch, best, model, opt):
+    """speedsearch's protocol (env/run_state.py): STEP goes first when the state is rewritten and comes
+    back last, holding the epoch the state is after."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "STEP").unlink(missing_ok=True)
+    state = {"epoch": epoch, "best": best, "model": model.state_dict(), "opt": opt.state_dict(),
+             "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()}
+    torch.save(state, folder / "state.pt.tmp")
+    (folder / "state.pt.tmp").replace(folder / "state.pt")
+    (folder / "STEP.tmp").write_text(str(epoch))
+    (folder / "STEP.tmp").replace(folder / "STEP")
+
+
+def load_state(folder, model, opt):
+    """The epoch and best loss the state is after; the model, optimizer and RNGs as they were then."""
+    state = torch.load(Path(folder) / "state.pt", weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["py_rng"])
+    return state["epoch"], state["best"]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--data", required=True)
+    p.add_argument("--state", default="", help="a folder to save the resumable state to after each epoch")
+    p.add_argument("--resume", default="", help="a state folder to continue from (empty: start fresh)")
     args = p.parse_args()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -89,8 +118,11 @@ def main():
     opt = build_optimizer(model)
     print("| epoch | n_ctx | loss | ppl | note |", flush=True)
     print("|---|---|---|---|---|", flush=True)
-    best = math.inf
-    for epoch in range(1, args.epochs + 1):
+    best, done = math.inf, 0
+    if args.resume:
+        done, best = load_state(args.resume, model, opt)
+        print(f"resumed after epoch {done}", flush=True)
+    for epoch in range(done + 1, args.epochs + 1):
         model.train()
         for _ in range(EPOCH_BATCHES):
             x, y = windows(train, torch.randint(0, len(train) - N_CTX - 1, (BATCH_SIZE,)))
@@ -103,6 +135,8 @@ def main():
             val = F.cross_entropy(model(val_x), val_y).item()
         note = "best" if val < best else ""
         best = min(best, val)
+        if args.state:  # saved before the row is printed: the row's epoch is in the state when it arrives
+            save_state(Path(args.state), epoch, best, model, opt)
         print(f"| {epoch} | {N_CTX} | {val:.4f} | {math.exp(val):.3f} | {note} |", flush=True)
 
 

@@ -1,0 +1,220 @@
+"""Guard metrics: a second number a candidate must not make worse while it improves the objective.
+
+A data-limited track refuses a lower validation loss that does not carry over to anything else
+(a model tuned to the validation text, a mixture that drops what the validation set lacks). A
+target declares `[[guard]]` entries; each names a second held-out corpus (outside the run's
+mount, like `[trust] heldout`), a score the HOST computes from the trusted evaluator's logits on
+it (env/guard.py), and how far the score may drop:
+
+    [[guard]]
+    name = "prose accuracy"
+    heldout = "guard/text_000.bin"  # relative to the data folder; never visible to a run
+    score = "accuracy"               # next-token accuracy ("higher" is better) or "loss" ("lower")
+    tolerance = 0.01                 # the margin: the largest drop still accepted, in the score's unit
+    alpha = 0.01                     # the non-inferiority test's level
+
+The check is a paired non-inferiority test over the confirm pairs (candidate and base run of the
+same seed): one-sided t-test of H0 "the mean drop is at least `tolerance`" at level `alpha`. A
+candidate must show that its guard did not drop by the margin; failing to show it (too noisy, or
+a real drop) keeps it from being confirmed. Several guards need no correction: the candidate
+passes only if every one does (an intersection-union test), so each at `alpha` keeps the chance of
+passing a guard that really dropped at most `alpha`.
+
+Pure: no I/O. The record types and the statistics; the measurement lives in env/guard.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+from scipy import stats
+
+from search_space.errors import UserError
+from search_space.records import RunResult, Status
+
+SCORES = {"accuracy": "higher", "loss": "lower"}  # what the host computes from logits, and which way is better
+KEYS = ("name", "heldout", "score", "direction", "tolerance", "alpha", "windows", "seq_len")
+ALPHA = 0.01
+
+
+class GuardError(UserError):
+    """A `[[guard]]` entry that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Guard:
+    """One guard metric (see the module's docstring)."""
+
+    name: str
+    heldout: str  # a token shard (the speedrun's .bin format), relative to the data folder
+    tolerance: float  # the non-inferiority margin, in the score's unit (accuracy: a fraction)
+    score: str = "accuracy"
+    direction: str = "higher"
+    alpha: float = ALPHA
+    windows: int = 64  # windows of the guard corpus the model scores
+    seq_len: int = 0  # tokens per window; 0: the trusted evaluator's seq_len
+
+
+def parse_guards(raw: Any, seq_len: int | None, mount: str | None) -> tuple[Guard, ...]:
+    """The `[[guard]]` entries. `seq_len`: `[trust] seq_len` (None without `[trust]`: guards are
+    then refused, since their logits come from the trusted evaluator); `mount`: `[data] mount`
+    (a guard corpus must lie outside it, or the run could train on it)."""
+    if not isinstance(raw, list) or not all(isinstance(g, dict) for g in raw):
+        raise GuardError("guard: expected [[guard]] tables")
+    if seq_len is None:
+        raise GuardError("guard: needs a [trust] section (a guard is scored from the trusted evaluator's logits)")
+    out: list[Guard] = []
+    for i, g in enumerate(raw):
+        where = f"guard[{i}]"
+        unknown = sorted(set(g) - set(KEYS))
+        if unknown:
+            raise GuardError(f"{where}.{unknown[0]}: unknown key (valid: {', '.join(KEYS)})")
+        name = _typed(g, "name", str, where)
+        if not name.strip() or any(o.name == name for o in out):
+            raise GuardError(f"{where}.name: a non-empty name used once, got {name!r}")
+        where = f"guard {name!r}"
+        score = _typed(g, "score", str, where, "accuracy")
+        if score not in SCORES:
+            raise GuardError(f"{where}.score: {score!r} is not one of {', '.join(SCORES)}")
+        direction = _typed(g, "direction", str, where, SCORES[score])
+        if direction != SCORES[score]:
+            raise GuardError(f"{where}.direction: {score} is better {SCORES[score]}, got {direction!r}")
+        heldout = _typed(g, "heldout", str, where)
+        parts = Path(heldout).parts
+        if not heldout or Path(heldout).is_absolute() or ".." in parts:
+            raise GuardError(f"{where}.heldout: a relative path inside the data folder, got {heldout!r}")
+        if mount is None:
+            raise GuardError(f"{where}.heldout: needs data.mount (a run sees only its mount, never the guard corpus)")
+        if parts[0] == Path(mount).parts[0]:
+            raise GuardError(f"{where}.heldout: {heldout} is inside the run's mount {mount!r}; the run could "
+                             "train on it")
+        tolerance = float(_typed(g, "tolerance", (int, float), where))
+        if not tolerance >= 0 or not math.isfinite(tolerance) or (score == "accuracy" and tolerance >= 1):
+            raise GuardError(f"{where}.tolerance: a margin >= 0 in the score's unit, got {tolerance!r}")
+        alpha = float(_typed(g, "alpha", (int, float), where, ALPHA))
+        if not 0 < alpha < 0.5:
+            raise GuardError(f"{where}.alpha: between 0 and 0.5, got {alpha!r}")
+        windows = _typed(g, "windows", int, where, 64)
+        win_len = _typed(g, "seq_len", int, where, seq_len)
+        if windows < 1 or win_len < 1:
+            raise GuardError(f"{where}: windows and seq_len must be positive, got {windows} and {win_len}")
+        out.append(Guard(name, heldout, tolerance, score, direction, alpha, windows, win_len))
+    return tuple(out)
+
+
+def _typed(d: dict, key: str, kind: type | tuple, where: str, default: Any = ...) -> Any:
+    if key not in d:
+        if default is ...:
+            raise GuardError(f"{where}.{key}: missing (required)")
+        return default
+    value = d[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        want = kind.__name__ if isinstance(kind, type) else "number"
+        raise GuardError(f"{where}.{key}: expected {want}, got {type(value).__name__} {value!r}")
+    return value
+
+
+# -- the check ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuardCheck:
+    """A guard held over paired runs. `drop`: the mean of (base - candidate) for a higher-is-better
+    score, (candidate - base) for a lower-is-better one: positive = the candidate is worse. `bound`:
+    its one-sided upper (1 - alpha) confidence bound; `passed` iff bound < tolerance, i.e. the
+    non-inferiority test's p-value is below alpha."""
+
+    name: str
+    score: str
+    tolerance: float
+    alpha: float
+    pairs: int
+    drop: float
+    bound: float
+    pvalue: float
+    passed: bool
+    candidate: float = math.nan  # the candidate's mean score
+    base: float = math.nan  # the base's
+
+    def text(self) -> str:
+        if self.pairs < 2:
+            return (f"guard {self.name}: {self.pairs} pair{'s' if self.pairs != 1 else ''} with a guard score, "
+                    "too few to show it did not drop")
+        verb = "held" if self.passed else "failed"
+        return (f"guard {self.name} {verb}: {self.score} {self.candidate:.4f} vs base {self.base:.4f}, a drop of "
+                f"{self.drop:+.4f} (one-sided {1 - self.alpha:.0%} bound {self.bound:+.4f}) against a tolerance of "
+                f"{self.tolerance:g}; paired non-inferiority t-test p = {self.pvalue:.3g}, alpha {self.alpha:g}, "
+                f"{self.pairs} pairs")
+
+    def to_dict(self) -> dict:
+        return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GuardCheck:
+        floats = ("tolerance", "alpha", "drop", "bound", "pvalue", "candidate", "base")
+        return cls(**{k: (math.nan if d.get(k) is None else float(d[k])) if k in floats else d[k]
+                      for k in cls.__dataclass_fields__ if k in d})
+
+
+def check(guard: Guard, pairs: list[tuple[float, float]]) -> GuardCheck:
+    """The non-inferiority test of one guard over (candidate score, base score) pairs."""
+    sign = 1.0 if guard.direction == "higher" else -1.0
+    drops = [sign * (b - c) for c, b in pairs]
+    cand = mean(c for c, _ in pairs) if pairs else math.nan
+    base = mean(b for _, b in pairs) if pairs else math.nan
+    if len(drops) < 2:
+        m = drops[0] if drops else math.nan
+        return GuardCheck(guard.name, guard.score, guard.tolerance, guard.alpha, len(drops), m, math.inf, 1.0,
+                          False, cand, base)
+    m, s, n = mean(drops), stdev(drops), len(drops)
+    if s == 0:
+        p = 0.0 if m < guard.tolerance else 1.0
+        bound = m
+    else:
+        se = s / math.sqrt(n)
+        p = float(stats.t.cdf((m - guard.tolerance) / se, n - 1))  # H0: mean drop >= tolerance
+        bound = m + float(stats.t.ppf(1 - guard.alpha, n - 1)) * se
+    return GuardCheck(guard.name, guard.score, guard.tolerance, guard.alpha, n, m, bound, p, p < guard.alpha,
+                      cand, base)
+
+
+def run_pairs(name: str, runs: Iterable[RunResult], paired: dict[int, RunResult]) -> list[tuple[float, float]]:
+    """(candidate, base) scores of guard `name` for every seed where both runs ended OK with one.
+    A guard score is a property of the trained model, not a time: pairs on two nodes still count."""
+    out = []
+    for c in runs:
+        b = paired.get(c.seed)
+        if b is None or c.status != Status.OK or b.status != Status.OK:
+            continue
+        cs, bs = c.guards.get(name), b.guards.get(name)
+        if cs is not None and bs is not None and math.isfinite(cs) and math.isfinite(bs):
+            out.append((float(cs), float(bs)))
+    return out
+
+
+def check_runs(guards: Iterable[Guard], runs: Iterable[RunResult], paired: dict[int, RunResult]) -> list[GuardCheck]:
+    runs = list(runs)
+    return [check(g, run_pairs(g.name, runs, paired)) for g in guards]
+
+
+def hold_guards(answer: str, guards: tuple[Guard, ...], runs: list[RunResult],
+                paired: dict[int, RunResult]) -> tuple[str, str, list[GuardCheck]]:
+    """A confirmation's answer after the target's guards, over its candidate runs and their base
+    partners by seed: (answer, why it changed, the checks). Guards are judged only on a "pass"."""
+    checks = check_runs(guards, runs, paired) if answer == "pass" and guards else []
+    return (*guarded(answer, checks), checks)
+
+
+def guarded(answer: str, checks: list[GuardCheck]) -> tuple[str, str]:
+    """The objective's answer held against the target's guards: a "pass"
+    stands only when every guard showed it did not drop beyond its tolerance; otherwise it is a
+    "fail" whose reason names each failed guard, its drop and its tolerance."""
+    failed = [c for c in checks if not c.passed]
+    if answer != "pass" or not failed:
+        return answer, ""
+    return "fail", "the objective improved, but " + "; ".join(c.text() for c in failed)
