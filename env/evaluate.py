@@ -118,6 +118,8 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
     target = spec.target
     t0 = time.perf_counter()
     run_dir = Path(run_root) / (spec.run_id or f"{spec.fidelity}-s{spec.seed}-{uuid.uuid4().hex[:8]}")
+    if continuation is not None and run_dir.exists():  # a lost run sent again to this node: what it left
+        run_dir.rename(run_dir.with_name(f"{run_dir.name}.lost-{uuid.uuid4().hex[:6]}"))  # (its processes' folders)
     run_dir.mkdir(parents=True, exist_ok=True)
     workdir, log_path = run_dir / "work", run_dir / "run.log"
     steps = target.steps(spec.fidelity)
@@ -148,6 +150,8 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
     reader = (continuation.make_reader if continuation is not None else CurveReader)(
         target.readout, steps, trust.pause_regex if trust else None)
     keeper = CheckpointKeeper(trust, workdir, run_dir / "ckpt") if trust else None
+    if continuation is not None and keeper is not None:  # the weights kept before a break come back
+        continuation.restore_kept(keeper)
     pruned: list[str] = []
 
     def on_line(line: str) -> bool:
@@ -184,7 +188,7 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
             evaluator.start(wait_s=target.resources.run_timeout_s)
         started = reader.started = time.monotonic()  # a regex readout's clock starts with the run
         if continuation is not None:
-            continuation.watch(workdir, log_path)
+            continuation.watch(workdir, log_path, keeper)
         try:
             outcome = sandbox.run(request, on_line=on_line, cancel=cancel)
         except Exception as e:  # a sandbox that cannot start is the machine's fault, not the candidate's
@@ -206,7 +210,7 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         result.status, result.reason = _classify(outcome, reader, pruned, log_path)
         if result.status == Status.OK and evaluator is not None and keeper is not None:
             _trusted_measurement(spec, result, reader, keeper, started, evaluator,
-                                 getattr(reader, "floor", -1))
+                                 continuation.untrusted_before() if continuation is not None else (-1, ""))
     except BaseException:  # a cancel (KeyboardInterrupt in a Ray task) still frees the workspace volume
         sandbox.release(workdir, keep_workdir)
         raise
@@ -219,11 +223,13 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
 
 
 def _trusted_measurement(spec: RunSpec, result: RunResult, reader: CurveReader, keeper: CheckpointKeeper,
-                         started: float, evaluator: Evaluator, floor: int = -1) -> None:
+                         started: float, evaluator: Evaluator, continued: tuple[int, str] = (-1, "")) -> None:
     """Check the log against what the sandbox observed, then recompute every point's loss from its
-    checkpoint on held-out data (env/trusted.py). Any disagreement makes the run invalid. A run
-    continued after step `floor` (env/run_state.py) has its clock checked across the break, but
-    the weights before it were left on the lost node: it is measured after it, and stays untrusted."""
+    checkpoint on held-out data (env/trusted.py). Any disagreement makes the run invalid. A continued
+    run (env/run_state.py) has its clock checked across the break; the weights kept before it came
+    back with its state, so every point is measured. `continued` = (floor, why): where they did not
+    (over the cap), only the points after step `floor` are, and the run stays untrusted."""
+    floor, why = continued
     trust, target = spec.target.trust, spec.target
     data_folder = data_root(target)
     assert trust is not None and data_folder is not None
@@ -242,8 +248,8 @@ def _trusted_measurement(spec: RunSpec, result: RunResult, reader: CurveReader, 
         if not problems:
             result.curve = observed_curve(reader, {s: v * scale for s, v in measured.losses.items()})
             result.trust = Trust.TRUSTED.value if floor < 0 else result.trust
-            if floor >= 0:
-                info["continued"] = f"losses up to step {floor} are claimed: their weights were on the lost node"
+            if why:
+                info["continued"] = why
     info["seconds"] = round(time.perf_counter() - t, 3)
     if problems:
         result.status, result.reason = Status.INVALID, "the log is not to be trusted: " + "; ".join(problems)

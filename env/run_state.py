@@ -299,14 +299,15 @@ class ContinuedReader(CurveReader):
 
 
 def _cut_after(text: bytes, reader: CurveReader, step: int) -> bytes:
-    """The log up to the line of the first point past the checkpoint's `step` (printed after the
-    state was taken, before it was seen: the continued run prints it again)."""
+    """The log up to the line of the first point (or pause marker) past the checkpoint's `step`
+    (printed after the state was taken, before it was seen: the continued run prints it again)."""
     lines = text.splitlines(keepends=True)
     for i, line in enumerate(lines):
-        m = reader.pattern.search(line.decode(errors="replace"))
-        counted = m and (m.groupdict().get("step") or m.groupdict().get("epoch"))
-        if counted and counted.isdigit() and int(counted) > step:
-            return b"".join(lines[:i])
+        for pattern in filter(None, (reader.pattern, reader.pause)):
+            m = pattern.search(line.decode(errors="replace"))
+            counted = m and (m.groupdict().get("step") or m.groupdict().get("epoch"))
+            if counted and counted.isdigit() and int(counted) > step:
+                return b"".join(lines[:i])
     return text
 
 
@@ -422,7 +423,8 @@ class Continuation:
         reader = self.reader
         now = time.monotonic()
         assert reader is not None and reader.started is not None
-        points = list(reader.points)
+        arrivals = list(reader.arrivals)  # first: a point is appended before its arrival
+        points = list(reader.points)[:len(arrivals)]
         n = sum(1 for p in points if p.step <= step)
         keeper = self.keeper
         if not self._ready(first, points, n, step, now):
@@ -438,7 +440,7 @@ class Continuation:
         start = reader.started
         # a state at a validation step belongs to that step's line: the continued run's first line
         # comes straight after it on the clock (the time since was the watcher's, not the run's)
-        moment = reader.arrivals[n - 1] if n and points[n - 1].step == step else now
+        moment = arrivals[n - 1] if n and points[n - 1].step == step else now
         with open(log_path, "rb") as f:
             f.seek(self.log_sent)
             more = f.read()
@@ -446,7 +448,7 @@ class Continuation:
         self.log_sent += len(more)
         self.log_kept = (self.log_kept + more.decode(errors="replace"))[-LOG_CHARS:]
         saved = Saved(step=step, points=[(p.step, p.val_loss, p.train_ms) for p in points[:n]],
-                      arrivals=[a - start for a in reader.arrivals[:n]], elapsed_s=moment - start,
+                      arrivals=[a - start for a in arrivals[:n]], elapsed_s=moment - start,
                       first_line=None if reader.first_line is None else reader.first_line - start,
                       pauses={k: v - start for k, v in reader.pauses.items() if k <= step},
                       log=self.log_kept, breaks=self.saved.breaks + [self.saved.step] if self.saved else [],

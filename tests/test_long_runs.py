@@ -3,7 +3,9 @@
 tinylm-epochs (search_space/targets/epochs) saves its state after every epoch; these tests lose its
 run mid-epoch (the Ray worker running it is killed, as a lost node would), stop it as a search's
 Ctrl-C does and take it up again from a fresh store, as `--resume` does, and compare the curves with
-an unbroken run's. Real Ray (the session's local cluster), real sandboxes, real trainer.
+an unbroken run's. tinylm-bpb (search_space/targets/slowrun, under `[trust]`) is lost the same way:
+its trusted checkpoints travel with its state, and the continued run is measured whole and trusted.
+Real Ray (the session's local cluster), real sandboxes, real trainer.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import psutil
@@ -25,9 +27,9 @@ from agent.cli import app
 from env.evaluate import RunSpec, evaluate, make_sandbox
 from env.pool import Pool, RunLost
 from env.run_progress import eta_s, read_progress
-from env.run_state import ContinuedReader, Saved, pack, read_step, state_key, unpack
+from env.run_state import Continuation, ContinuedReader, RunStateStore, Saved, pack, read_step, state_key, unpack
 from env.stats import Band
-from env.trusted import log_problems
+from env.trusted import CheckpointKeeper, log_problems
 from runs_db.db import RunsDB
 from search_space.readout import parse_readout
 from search_space.records import Status
@@ -245,3 +247,75 @@ def test_a_state_carries_only_the_runs_own_files(tmp_path: Path):
     assert read_step(tmp_path / "back") is not None and read_step(tmp_path / "back")[0] == 3
     blob, why = pack(state, 50)
     assert blob is None and "over its cap" in why
+
+
+# --- a trusted run (tinylm-bpb, `[trust]` and `[checkpoint]`): lost mid-run, continued, measured whole ---
+# Each training step sleeps a little (a candidate's change, the same in both runs), so the run is
+# still training when the test loses it after its first state.
+SLOWER = ("train.py\n<<<<<<< SEARCH\n    def forward(self, idx):  # [B, T] -> [B, T, 256]\n=======\n"
+          "    def forward(self, idx):  # [B, T] -> [B, T, 256]\n        time.sleep(0.02)\n>>>>>>> REPLACE\n")
+
+
+@pytest.fixture(scope="module")
+def bpb():
+    return load_target("tinylm-bpb")
+
+
+def test_a_lost_trusted_run_is_measured_whole(ray_cluster, bpb, tmp_path: Path):
+    """The trusted evaluator's checkpoints taken before the break travel with the state, so the
+    continued run is measured at every validation, before and after the break, and is trusted; its
+    measured curve is an unbroken run's."""
+    spec = RunSpec(bpb, seed=SEED, fidelity="full", patch=SLOWER, run_id="t2-c-s11-bpblost")
+    with ThreadPoolExecutor(1) as ex:
+        unbroken = ex.submit(evaluate, replace(spec, run_id="bpb-unbroken"), make_sandbox("process"),
+                             tmp_path / "unbroken")
+        pool = Pool(run_root=tmp_path / "runs", warm=False)
+        ref = pool.submit(spec)
+        key = pool._states[ref]
+        state = _wait_for_state(tmp_path / "run_state", key, 40, timeout=120)
+        assert state["kept"] == [0, 40] and state["kept_problem"] == ""  # the weights behind the state went too
+        os.kill(_worker_of(spec.run_id).pid, signal.SIGKILL)
+        with pytest.raises(RunLost) as lost:
+            pool.get(ref)
+        r = pool.get(pool.submit(lost.value.spec)).result
+        whole = unbroken.result()
+    assert whole.status == Status.OK and whole.trust == "trusted", whole.reason
+    assert r.status == Status.OK, r.reason
+    assert r.trust == "trusted", r.provenance["trust"]
+    broke = r.provenance["continued"]["from"]
+    assert 40 <= broke < 160
+    measured = r.provenance["trust"]["losses"]
+    assert sorted(measured) == [0, 40, 80, 120, 160]  # every validation measured, before and after the break
+    assert "came back with its state" in r.provenance["trust"]["continued"]
+    assert [p.step for p in r.curve] == [p.step for p in whole.curve] == [0, 40, 80, 120, 160]
+    for p, q in zip(r.curve, whole.curve, strict=True):
+        assert abs(p.val_loss - q.val_loss) < 1e-6, (p, q)  # measured from the same weights
+    for p, q in zip(r.claimed, whole.claimed, strict=True):
+        assert p.val_loss == q.val_loss  # the trainer's own numbers: an exact resume
+
+
+def test_trusted_checkpoints_over_the_cap_stay_claimed(ray_cluster, bpb, tmp_path: Path):
+    """Past `[checkpoint] max_mb` the trusted checkpoints stop going (the state still goes): the
+    continued run says why its points up to the break stay claimed."""
+    capped = replace(bpb.checkpoint, max_mb=1)
+    spec = RunSpec(replace(bpb, checkpoint=capped), seed=SEED, fidelity="full")
+    store = RunStateStore.remote(str(tmp_path / "run_state"))
+    keeper = CheckpointKeeper(bpb.trust, tmp_path / "work", tmp_path / "ckpt")
+    (tmp_path / "ckpt").mkdir()
+    for step, size in ((0, 1000), (40, 1000), (80, 2 << 20)):
+        keeper.kept[step] = tmp_path / "ckpt" / f"step_{step:06d}.pt"
+        keeper.kept[step].write_bytes(bytes([step]) * size)
+    first = Continuation(spec, store, "k")
+    first._send_kept(keeper, [0, 40, 80])
+    assert sorted(first.kept_sent) == [0, 40] and "over the cap of 1 MiB ([checkpoint] max_mb)" in first.kept_problem
+    saved = Saved(step=80, points=[(0, 8.0, 0.0), (40, 4.0, 10.0), (80, 3.0, 20.0)], arrivals=[1.0, 2.0, 3.0],
+                  elapsed_s=3.0, kept=[0, 40], kept_problem=first.kept_problem)
+    ray.get(store.put.remote("k", asdict(saved), pack(tmp_path / "ckpt", 1 << 30)[0]))
+    again = Continuation(spec, store, "k")
+    back = CheckpointKeeper(bpb.trust, tmp_path / "work2", tmp_path / "ckpt2")
+    again.restore_kept(back)
+    assert sorted(back.kept) == [0, 40] and back.kept[40].read_bytes() == bytes([40]) * 1000
+    floor, why = again.untrusted_before()
+    assert floor == 80 and "up to step 80 are claimed" in why and "over the cap" in why
+    ray.get(store.drop.remote("k"))
+    assert ray.get(store.get_kept.remote("k", 80)) == {} and not (tmp_path / "run_state" / "k.kept").exists()
