@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from env.cache_layer import shared_cache
+from env.continuation import Continuation
 from env.data import DataError, data_root, ensure_data, hidden_paths
 from env.guard import measure_guards
 from env.machine import run_memory_mb
 from env.provenance import provenance
 from env.readout import CurveReader
-from env.run_state import Continuation
 from env.sandbox import Limits, Sandbox, SandboxRequest
 from env.source import DataSource, Source, prepare_folder, unship
 from env.stats import Band

@@ -31,9 +31,10 @@ import ray
 from ray import exceptions as rx
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, NodeLabelSchedulingStrategy, NotIn
 
+from env.continuation import Continuation
 from env.evaluate import RunSpec, evaluate, make_sandbox
 from env.process_sandbox import MULTICAST_OFF
-from env.run_state import Continuation, RunStateStore, state_key
+from env.run_state import RunStateStore, state_key
 from env.source import run_root_here, ship
 from search_space.records import RunResult
 from search_space.target import cache_dir

@@ -24,10 +24,11 @@ import ray
 from typer.testing import CliRunner
 
 from agent.cli import app
+from env.continuation import Continuation, ContinuedReader
 from env.evaluate import RunSpec, evaluate, make_sandbox
 from env.pool import Pool, RunLost
 from env.run_progress import eta_s, read_progress
-from env.run_state import Continuation, ContinuedReader, RunStateStore, Saved, pack, read_step, state_key, unpack
+from env.run_state import RunStateStore, Saved, pack, read_step, state_key, unpack
 from env.stats import Band
 from env.trusted import CheckpointKeeper, log_problems
 from runs_db.db import RunsDB
