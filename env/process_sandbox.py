@@ -203,6 +203,7 @@ class _Lines:
                  start_token: bytes | None = None):
         self.log, self.cap, self.on_line, self.watch = log, cap_bytes, on_line, watch
         self.written = 0
+        self.over = False  # a byte past the cap arrived: the run is being stopped
         self.pending = b""
         # The first line the run's own shell prints once bwrap has built its view; never logged.
         self.token = start_token + b"\n" if start_token else b""
@@ -222,14 +223,15 @@ class _Lines:
         self._take(chunk)
 
     def _take(self, chunk: bytes) -> None:
-        if self.written >= self.cap:
+        if self.over or not chunk:
             return  # over the cap: the run is being stopped; nothing more is kept
         keep = chunk[:self.cap - self.written]
-        self.log.write(keep)
-        self.log.flush()
-        self.written += len(keep)
-        if len(keep) < len(chunk):
-            self.written = self.cap
+        if keep:
+            self.log.write(keep)
+            self.log.flush()
+            self.written += len(keep)
+        if len(keep) < len(chunk):  # a byte past the cap: this chunk's, or (a log exactly at the cap) the next one's
+            self.over = True
             self.watch.stop("log", f"log over {self.cap >> 20} MB", grace_s=0)
             return
         *lines, self.pending = (self.pending + chunk).split(b"\n")

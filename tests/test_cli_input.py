@@ -208,7 +208,8 @@ def test_ctrl_c_exits_130(toy: Path, tmp_path: Path):
             time.sleep(0.2)  # a first run recorded: the search is well under way
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
+        # stopping the runs, the last plots and its local Ray: minutes when both cores are busy
+        stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from env.process_sandbox import ProcessSandbox, cpu_time_limit_s
+from env.process_sandbox import ProcessSandbox, _Lines, cpu_time_limit_s
 from env.sandbox import Limits, SandboxRequest
 
 
@@ -249,6 +249,29 @@ def test_log_cap(sandbox, tmp_path):
     out = sandbox.run(request_for(tmp_path, command, limits=Limits(log_mb=1, timeout_s=30)))
     assert out.killed == "log" and out.detail == "log over 1 MB"
     assert (tmp_path / "run.log").stat().st_size == 1 << 20
+
+
+@pytest.mark.parametrize("chunks", [[1 << 20, 1], [1 << 19, 1 << 19, 4096], [(1 << 20) + 7]])
+def test_a_log_past_its_cap_is_stopped_whatever_the_chunks(tmp_path, chunks):
+    """The pipe hands over full 64 KiB chunks on a loaded machine: a log that reaches its cap exactly
+    at a chunk's end must still be stopped by the next byte (CI saw a run go on to its timeout)."""
+    class Watch:
+        killed = None
+
+        def stop(self, reason, detail, grace_s=None):
+            self.killed, self.detail = reason, detail
+
+    watch = Watch()
+    with open(tmp_path / "run.log", "wb") as log:
+        lines = _Lines(log, 1 << 20, None, watch)
+        for n in chunks:
+            lines.feed(b"y" * n)
+    assert (watch.killed, watch.detail) == ("log", "log over 1 MB")
+    assert (tmp_path / "run.log").stat().st_size == 1 << 20
+    with open(tmp_path / "exact.log", "wb") as log:  # exactly the cap, and nothing more: not over it
+        quiet = Watch()
+        _Lines(log, 1 << 20, None, quiet).feed(b"y" * (1 << 20))
+    assert quiet.killed is None
 
 
 def test_disk_cap(sandbox, tmp_path):
