@@ -1,11 +1,16 @@
-# ==== the suite runs in parallel (pytest-xdist, `-n 2 --dist loadfile`): one Ray per worker ==========
+# ==== with pytest-xdist (`-n 2 --dist loadfile`, optional: CI runs the suite serially) ===============
 # A plain `ray.init()` joins the cluster named in <ray temp dir>/ray_current_cluster, which a test's own
-# `ray start` writes. Each xdist worker gets its own Ray temp dir, so no worker joins another's cluster.
+# `ray start` writes: each xdist worker gets its own Ray temp dir, so no worker joins another's cluster.
+# xdist's workers ignore SIGINT, and a child inherits an ignored signal, so a CLI started by a test
+# would never see its Ctrl-C: the worker takes Python's own handler back (a child then starts with
+# the default, and Python turns it into KeyboardInterrupt).
 import os as _px_os  # noqa: E402
+import signal as _px_signal  # noqa: E402
 
 if _px_os.environ.get("PYTEST_XDIST_WORKER"):
     _px_os.environ["RAY_TMPDIR"] = f"/tmp/ray-{_px_os.environ['PYTEST_XDIST_WORKER']}"
     _px_os.makedirs(_px_os.environ["RAY_TMPDIR"], exist_ok=True)
+    _px_signal.signal(_px_signal.SIGINT, _px_signal.default_int_handler)
 # ==== end of the parallel section ===============================================================
 
 
