@@ -34,7 +34,7 @@ from typing import Any
 
 from scipy import stats
 
-from search_space.errors import UserError
+from search_space.errors import UserError, typed
 from search_space.records import RunResult, Status
 
 SCORES = {"accuracy": "higher", "loss": "lower"}  # what the host computes from logits, and which way is better
@@ -74,17 +74,17 @@ def parse_guards(raw: Any, seq_len: int | None, mount: str | None) -> tuple[Guar
         unknown = sorted(set(g) - set(KEYS))
         if unknown:
             raise GuardError(f"{where}.{unknown[0]}: unknown key (valid: {', '.join(KEYS)})")
-        name = _typed(g, "name", str, where)
+        name = typed(g, "name", str, where, error=GuardError)
         if not name.strip() or any(o.name == name for o in out):
             raise GuardError(f"{where}.name: a non-empty name used once, got {name!r}")
         where = f"guard {name!r}"
-        score = _typed(g, "score", str, where, "accuracy")
+        score = typed(g, "score", str, where, "accuracy", error=GuardError)
         if score not in SCORES:
             raise GuardError(f"{where}.score: {score!r} is not one of {', '.join(SCORES)}")
-        direction = _typed(g, "direction", str, where, SCORES[score])
+        direction = typed(g, "direction", str, where, SCORES[score], error=GuardError)
         if direction != SCORES[score]:
             raise GuardError(f"{where}.direction: {score} is better {SCORES[score]}, got {direction!r}")
-        heldout = _typed(g, "heldout", str, where)
+        heldout = typed(g, "heldout", str, where, error=GuardError)
         parts = Path(heldout).parts
         if not heldout or Path(heldout).is_absolute() or ".." in parts:
             raise GuardError(f"{where}.heldout: a relative path inside the data folder, got {heldout!r}")
@@ -93,30 +93,18 @@ def parse_guards(raw: Any, seq_len: int | None, mount: str | None) -> tuple[Guar
         if parts[0] == Path(mount).parts[0]:
             raise GuardError(f"{where}.heldout: {heldout} is inside the run's mount {mount!r}; the run could "
                              "train on it")
-        tolerance = float(_typed(g, "tolerance", (int, float), where))
+        tolerance = float(typed(g, "tolerance", (int, float), where, error=GuardError))
         if not tolerance >= 0 or not math.isfinite(tolerance) or (score == "accuracy" and tolerance >= 1):
             raise GuardError(f"{where}.tolerance: a margin >= 0 in the score's unit, got {tolerance!r}")
-        alpha = float(_typed(g, "alpha", (int, float), where, ALPHA))
+        alpha = float(typed(g, "alpha", (int, float), where, ALPHA, error=GuardError))
         if not 0 < alpha < 0.5:
             raise GuardError(f"{where}.alpha: between 0 and 0.5, got {alpha!r}")
-        windows = _typed(g, "windows", int, where, 64)
-        win_len = _typed(g, "seq_len", int, where, seq_len)
+        windows = typed(g, "windows", int, where, 64, error=GuardError)
+        win_len = typed(g, "seq_len", int, where, seq_len, error=GuardError)
         if windows < 1 or win_len < 1:
             raise GuardError(f"{where}: windows and seq_len must be positive, got {windows} and {win_len}")
         out.append(Guard(name, heldout, tolerance, score, direction, alpha, windows, win_len))
     return tuple(out)
-
-
-def _typed(d: dict, key: str, kind: type | tuple, where: str, default: Any = ...) -> Any:
-    if key not in d:
-        if default is ...:
-            raise GuardError(f"{where}.{key}: missing (required)")
-        return default
-    value = d[key]
-    if isinstance(value, bool) or not isinstance(value, kind):
-        want = kind.__name__ if isinstance(kind, type) else "number"
-        raise GuardError(f"{where}.{key}: expected {want}, got {type(value).__name__} {value!r}")
-    return value
 
 
 # -- the check ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 from search_space.budget import KEYS as BUDGET_KEYS
 from search_space.budget import BudgetError, Objective, parse_budget
-from search_space.errors import UserError
+from search_space.errors import UserError, typed
 from search_space.guard import Guard, GuardError, parse_guards
 from search_space.knobs import Knob, parse_knob
 from search_space.readout import KEYS as READOUT_KEYS
@@ -237,17 +237,7 @@ class Target:
 
 
 def _get(d: dict, key: str, kind: type | tuple, where: str, default: Any = ...) -> Any:
-    if key not in d:
-        if default is ...:
-            raise TargetError(f"{where}.{key}: missing (required)")
-        return default
-    value = d[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise TargetError(f"{where}.{key}: expected {names}, got {type(value).__name__} {value!r}")
-    return value
+    return typed(d, key, kind, where, default, TargetError)
 
 
 def _str_list(d: dict, key: str, where: str, default: Any = ...) -> tuple[str, ...]:
