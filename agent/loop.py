@@ -229,6 +229,8 @@ class Search:
         paired = t.base_number is not None
         t.expect(t.batch, paired)
         carried, t.carried = t.carried, {}  # finished before a stop or crash (agent/resume.py): not run again
+        if paired:  # a pair is carried whole or run again whole: its two runs are compared as side by side
+            carried = {k: r for k, r in carried.items() if (CANDIDATE, k[1]) in carried and (BASE, k[1]) in carried}
         # Single-seed rungs are pruned against the baseline band; a pair runs whole, both sides alike.
         band = self.baselines[fid].band if (fid in self.baselines and not t.is_baseline and not paired) else None
         for seed in t.batch:  # a pair: the candidate and the base with the same seed, sent together

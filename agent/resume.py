@@ -129,16 +129,20 @@ def counted_trials(db: RunsDB) -> int:
 
 def _carry(db: RunsDB, trial: Trial, last, trials: list, first_batch: int) -> None:
     """The runs that had finished inside the interrupted rung `last`, for the rung run again: the
-    candidate's, and at confirm its paired baseline runs (the batch grows to cover every finished
-    pair, in the order the seeds are drawn)."""
+    candidate's; where the rung ran in pairs (confirm, paired screening), only the pairs that had
+    both runs, for a pair's two runs are compared because they ran side by side: a lone run is run
+    again with a new partner. At confirm the batch grows to cover every finished run, in the order
+    the seeds are drawn."""
     kept = {(CANDIDATE, r.seed): r for r in db.runs(last.number)}
-    if last.fidelity == Rung.CONFIRM:
-        base = next((t for t in trials if t.attrs.get("pairs_for") == last.number), None)
-        if base is not None:
-            kept.update({(BASE, r.seed): r for r in db.runs(base.number)})
+    base = next((t for t in trials if t.attrs.get("pairs_for") == last.number), None)
+    if base is not None:
+        kept.update({(BASE, r.seed): r for r in db.runs(base.number)})
+    if last.fidelity == Rung.CONFIRM:  # the look it was at (its size), even if a pair of it is run again
         order = fresh_seeds(trial.commit, "confirm", 0, first_batch + 256)  # past the first batch: later looks
         n = max([len(trial.batch)] + [order.index(s) + 1 for _, s in kept if s in order])
         trial.batch = tuple(order[:n])
+    if base is not None:
+        kept = {k: r for k, r in kept.items() if (CANDIDATE, k[1]) in kept and (BASE, k[1]) in kept}
     trial.carried = {k: r for k, r in kept.items() if k[1] in trial.batch}
 
 

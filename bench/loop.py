@@ -14,7 +14,9 @@ check that every learner was told, the knobs sampler's trials left RUNNING (goal
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import statistics
 import tempfile
 import time
@@ -66,6 +68,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=64)
     ap.add_argument("--run-s", type=float, default=2.0, help="seconds a full run sleeps (16 steps)")
     ap.add_argument("--cold", action="store_true", help="no warm slots: every run starts from nothing")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile the loop's main thread; print its N most costly functions (own time)")
     args = ap.parse_args()
     args.sleep = args.run_s / 16
     console = Console()
@@ -81,8 +85,13 @@ def main() -> None:
     with db:
         search = Search(db, toy, settings, pool, build_proposers(settings, toy, db), Live(enabled=False))
         t0 = time.time()
+        profiler = cProfile.Profile() if args.profile else None
         with console.status(f"{args.trials} trials on {args.workers} logical GPUs"):
+            if profiler:
+                profiler.enable()
             summary = search.run()
+            if profiler:
+                profiler.disable()
         wall = time.time() - t0
         knob_study = optuna.load_study(study_name=f"{db.study_name}-knobs", storage=db.storage_url)
         knob_states = [t.state for t in knob_study.get_trials(deepcopy=False)]
@@ -141,6 +150,8 @@ def main() -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
 
 
 if __name__ == "__main__":

@@ -130,9 +130,27 @@ def test_an_interrupted_confirm_keeps_its_finished_pairs_and_costs_no_budget(db,
     (t,) = r.continuing
     assert t.rung == Rung.CONFIRM and t.number is None and t.alpha == 0.01
     assert t.batch == tuple(seeds)  # grown to cover every finished run, in the order seeds are drawn
-    assert set(t.carried) == {(CANDIDATE, s) for s in seeds} | {(BASE, s) for s in seeds[:4]}
+    # the whole pairs only: the fifth seed's lone candidate run is run again, beside a new base run
+    assert set(t.carried) == {(CANDIDATE, s) for s in seeds[:4]} | {(BASE, s) for s in seeds[:4]}
     assert all(x.final.val_loss == 1.9 for k, x in t.carried.items() if k[0] == CANDIDATE)
     assert r.candidates == spent == 3  # smoke, short, full: the interrupted confirm is not counted
+
+
+def test_an_interrupted_paired_screening_keeps_whole_pairs_only(db, tmp_path):
+    """A `short` rung screened beside base runs (a busy machine) was cut off with seed 0's pair done
+    and seed 1 done on the candidate's side only: seed 1 runs again as a pair, never its base alone."""
+    c = candidate(db, "S")
+    n = db.start_trial(c, None, "ideas", "S", "smoke", {"arm": "ideas"})
+    db.finish_trial(n, 70.0, [result(0, fidelity="smoke")], {"next": "short", "score": 0.7}, "complete")
+    short = db.start_trial(c, None, "ideas", "S", "short", {"arm": "ideas", "seeds": [0, 1]})
+    base = db.start_trial(db.base_commit, None, "baseline", "beside", "short", {"pairs_for": short})
+    db.save_run(short, result(0, 1.9))
+    db.save_run(base, result(0, 2.0))
+    db.save_run(short, result(1, 1.9))
+    db.close()
+    with RunsDB.open(tmp_path / "search") as again:
+        (t,) = restore(again, ["short", "full"], 3).continuing
+    assert t.rung == Rung.SHORT and set(t.carried) == {(CANDIDATE, 0), (BASE, 0)}
 
 
 def test_resume_writes_lost_git_notes_again(db, tmp_path):
