@@ -4,9 +4,11 @@ a watcher sends each new state back, and a continued run's log and curve are spl
 A continued run's curve is the saved points up to the checkpoint plus the new run's points after
 it (a step printed again is taken once); its clock is the sum of the observed intervals: the saved
 segment up to the checkpoint, then the new one from its first line (the gap and the restart are not
-counted, as an unbroken run would not have them). A state at a validation step is taken once that
-step's line has arrived, and its moment is that line's arrival (what the run did after it, the
-continued run does again).
+counted, as an unbroken run would not have them). Under `[trust]` the restart is held to the
+start-up allowance a fresh run's first line is held to: a trainer that trained silently before its
+first line would otherwise have that time left off its clock. A state at a validation step is taken
+once that step's line has arrived, and its moment is that line's arrival (what the run did after
+it, the continued run does again).
 
 Under `[trust]` the trusted evaluator's weight checkpoints (env/trusted.py CheckpointKeeper: copied
 by the host when each validation line arrived, so the run never had a chance to rewrite them) go to
@@ -37,7 +39,8 @@ class ContinuedReader(CurveReader):
     """A CurveReader that starts with the saved curve. Its clock is virtual: the saved segment's
     times, then (from the new run's first line on) the new run's, as if no gap had been."""
 
-    def __init__(self, readout: Readout, total_steps: int, pause_regex: str | None, saved: Saved):
+    def __init__(self, readout: Readout, total_steps: int, pause_regex: str | None, saved: Saved,
+                 allowance_s: float | None = None):
         super().__init__(readout, total_steps, pause_regex)
         self.floor = saved.step
         self.saved = saved
@@ -45,6 +48,8 @@ class ContinuedReader(CurveReader):
         self._set_start(time.monotonic() - saved.elapsed_s)  # until the first line: the gap ends now
         self._seeded = True
         self._rebased = False
+        self.allowance_s = allowance_s  # the longest restart (launch to first line); None: not checked
+        self.launched: float | None = None  # when this segment's run started (evaluate says so)
 
     def _set_start(self, start: float) -> None:
         s = self.saved
@@ -61,12 +66,18 @@ class ContinuedReader(CurveReader):
     def started(self, value: float | None) -> None:
         if not getattr(self, "_seeded", False):  # evaluate's "the run starts now" does not reset the virtual clock
             self._start = value  # type: ignore[assignment]
+        else:
+            self.launched = value
 
     def feed(self, line: str, now: float | None = None) -> Point | None:
         now = time.monotonic() if now is None else now
         if not self._rebased:  # the new run's first line: its start-up was not part of the work
             self._rebased = True
             self._set_start(now - self.saved.elapsed_s)
+            took = now - self.launched if self.launched is not None else 0.0
+            if self.allowance_s is not None and took > self.allowance_s:
+                self._flag(f"start-up: the continued run printed its first line {took:.1f} s after it started, the "
+                           f"allowance is {self.allowance_s:g} s (time before it is left off the clock)")
         return super().feed(line, now)
 
     def add(self, step: int, loss: float, ms: float, total: str | int | None = None,
@@ -94,6 +105,8 @@ class Continuation:
 
     def __init__(self, spec, store: Any, key: str):
         self.config: RunCheckpoint = spec.target.checkpoint
+        trust = spec.target.trust if spec.target.readout.format == "speedrun" else None  # as evaluate reads it
+        self.allowance_s = trust.startup_allowance_s + spec.target.resources.startup_s if trust else None
         self.store, self.key, self.run_id = store, key, spec.run_id
         self.total = spec.target.steps(spec.fidelity)
         got = ray.get(store.get.remote(key)) if store is not None else None
@@ -162,7 +175,7 @@ class Continuation:
 
     def make_reader(self, readout: Readout, total: int, pause_regex: str | None) -> CurveReader:
         self.reader = (CurveReader(readout, total, pause_regex) if self.saved is None
-                       else ContinuedReader(readout, total, pause_regex, self.saved))
+                       else ContinuedReader(readout, total, pause_regex, self.saved, self.allowance_s))
         return self.reader
 
     def env(self, resume: str) -> dict[str, str]:

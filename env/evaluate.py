@@ -121,6 +121,7 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
     if continuation is not None and run_dir.exists():  # a lost run sent again to this node: what it left
         run_dir.rename(run_dir.with_name(f"{run_dir.name}.lost-{uuid.uuid4().hex[:6]}"))  # (its processes' folders)
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o700)  # the sandbox then hides it: a run (or a probe) sees its own folder, not its siblings
     workdir, log_path = run_dir / "work", run_dir / "run.log"
     steps = target.steps(spec.fidelity)
     result = RunResult(Status.INVALID, total_steps=steps, seed=spec.seed, fidelity=spec.fidelity,
@@ -195,6 +196,8 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
             result.status, result.reason = Status.FAILED, f"sandbox error: {type(e).__name__}: {e}"
             return _done(result, t0, workdir, keep_workdir, sandbox)
         finally:
+            if keeper is not None:
+                keeper.settle()  # the copies asked for while the run went on, before its folder goes
             if continuation is not None:  # a continued run's log: the saved one, then its own
                 continuation.finish(log_path, result.provenance)
         if target.readout.format == "jsonl":
@@ -239,12 +242,16 @@ def _trusted_measurement(spec: RunSpec, result: RunResult, reader: CurveReader, 
     result.provenance["trust"] = info
     if not problems:
         scale = target.readout.scale  # the evaluator measures nats; the curve may hold bpb (readout.unit)
+        # the checkpoint the objective reads (a loss at a budget short of the run's end): probed, and the guards' model
+        budget = getattr(target.objective, "budget", None)
+        at = budget.read_at(observed_curve(reader)) if target.objective == "loss_at_budget" and budget else None
         measured = evaluator.finish(keeper.kept, data_folder / trust.heldout,
-                                    {p.step: p.val_loss / scale for p in reader.points})
+                                    {p.step: p.val_loss / scale for p in reader.points}, at=at)
         problems, info["losses"] = measured.problems, measured.losses
         info.update(measured.info)
         if not problems and target.guards:  # scores that must not drop, from the evaluator's logits
-            result.guards, problems = measure_guards(target.guards, evaluator, keeper.kept, data_folder, info)
+            result.guards, problems = measure_guards(target.guards, evaluator, keeper.kept, data_folder, info,
+                                                     at=measured.info.get("probe_step"))
         if not problems:
             result.curve = observed_curve(reader, {s: v * scale for s, v in measured.losses.items()})
             result.trust = Trust.TRUSTED.value if floor < 0 else result.trust

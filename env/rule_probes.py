@@ -6,10 +6,13 @@ checkpoint, with inputs the host builds here and logits the host compares here:
   order (so every batch holds other rows), in a process of its own. A model that learns from what
   it has scored, remembers it, or lets one row's output depend on another's, gives other logits
   for the same window than the normal pass did.
-- no attention across documents: windows that hold a real document start (the separator token,
-  then that document's first tokens) after some text of another document, each twice: as built,
-  and with every token before the separator replaced by another window's. From the separator on,
-  the logits must not move.
+- no attention across documents: windows that hold a real document boundary (the end of one
+  document, the separator token, the next document's first tokens), each twice: as built, and with
+  the document before the separator replaced by the end of another one. From the separator on, the
+  logits must not move. The two versions go to two processes of their own, each among the normal
+  windows at random rows, so a pass of the probe holds as many windows as the normal pass and looks
+  like it: a model that could tell it apart could keep to the rule only there. Where the track also
+  forbids state, the untouched windows must give the normal pass's logits.
 The evaluation context is the window length the host cuts (trust.seq_len, which the rules must
 equal), and no window overlaps another; the data budget is counted in the training shards' headers.
 """
@@ -26,7 +29,7 @@ from search_space.track_rules import TrackRules
 
 DEFAULT_TOLERANCE = 1e-3  # rules not checked against a [trust] section (the target's fill it in)
 HEADER_INTS = 256  # the speedrun's .bin shard: 256 int32 of header (magic, version, token count), uint16 tokens
-STATE, DOCS = "rule-state", "rule-docs"
+STATE, DOCS, DOCS_B = "rule-state", "rule-docs", "rule-docs-b"
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Probe:
     inputs: np.ndarray  # [rows, T] int64
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # state: window index per row
     seps: list[int] = field(default_factory=list)  # docs: the separator's position in row i (and i + len)
+    slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # docs: the rows that are probes
 
 
 def pass_names(rules: TrackRules | None) -> list[str]:
@@ -43,7 +47,8 @@ def pass_names(rules: TrackRules | None) -> list[str]:
     if rules is None:
         return []
     return [name for name, wanted in ((STATE, not rules.test_time_training),
-                                      (DOCS, not rules.cross_document_attention)) if wanted]
+                                      (DOCS, not rules.cross_document_attention),
+                                      (DOCS_B, not rules.cross_document_attention)) if wanted]
 
 
 def _shard_tokens(path: Path) -> np.ndarray:
@@ -58,8 +63,9 @@ def state_probe(windows: np.ndarray, rng: np.random.Generator) -> Probe:
 
 
 def docs_probe(windows: np.ndarray, heldout: Path, separator: int, count: int, rng: np.random.Generator) -> Probe:
-    """`count` rows with a document start at a random position s (a quarter to three quarters in), then
-    the same rows with everything before s taken from another window."""
+    """`count` rows with a document start at a random position s (a quarter to three quarters in): a
+    real boundary of the held-out text where it has one, else a separator put into a window; then the
+    same rows with everything before s taken from the end of another document (or another window)."""
     x = windows[:, :-1]
     n, t = x.shape
     stream = _shard_tokens(heldout)
@@ -67,15 +73,16 @@ def docs_probe(windows: np.ndarray, heldout: Path, separator: int, count: int, r
     built, changed, seps = [], [], []
     for _ in range(count):
         r, s = int(rng.integers(0, n)), int(rng.integers(t // 4, 3 * t // 4 + 1))
-        room = starts[starts + (t - s) <= len(stream)]
-        if len(room):  # a real document's beginning, separator first
-            d = int(room[rng.integers(0, len(room))])
-            after = np.asarray(stream[d:d + t - s], dtype=np.int64)
-        else:  # the held-out text holds no separator: insert one
+        room = starts[(starts >= s) & (starts + (t - s) <= len(stream))]
+        if len(room) > 1:  # a real boundary: a document's end, the separator, the next one's beginning
+            d, e = (int(v) for v in rng.choice(room, size=2, replace=False))
+            row = np.asarray(stream[d - s:d + t - s], dtype=np.int64)
+            donor = np.asarray(stream[e - s:e], dtype=np.int64)  # the end of another document
+        else:  # the held-out text holds (almost) no separator: insert one
             after = x[r, s:].copy()
             after[0] = separator
-        row = np.concatenate([x[r, :s], after])
-        donor = x[(r + int(rng.integers(1, n))) % n, :s] if n > 1 else np.roll(x[r, :s], 1)
+            row = np.concatenate([x[r, :s], after])
+            donor = x[(r + int(rng.integers(1, n))) % n, :s] if n > 1 else np.roll(x[r, :s], 1)
         other = row.copy()
         other[:s] = donor
         built.append(row)
@@ -89,9 +96,16 @@ def plan(rules: TrackRules | None, windows: np.ndarray, heldout: Path, rng: np.r
     for name in pass_names(rules):
         if name == STATE:
             out[name] = state_probe(windows, rng)
-        else:
+        elif name == DOCS:
             assert rules is not None and rules.doc_separator is not None  # the parser asks for it
-            out[name] = docs_probe(windows, heldout, rules.doc_separator, rules.doc_rows, rng)
+            x = windows[:, :-1]
+            built = docs_probe(windows, heldout, rules.doc_separator, min(rules.doc_rows, len(x)), rng)
+            k = len(built.seps)
+            slots = rng.choice(len(x), size=k, replace=False)
+            for which, rows in ((DOCS, built.inputs[:k]), (DOCS_B, built.inputs[k:])):
+                inputs = x.copy()
+                inputs[slots] = rows
+                out[which] = Probe(inputs, seps=built.seps, slots=slots)
     return out
 
 
@@ -172,7 +186,25 @@ def problems(rules: TrackRules | None, probes: dict[str, Probe], normal: np.ndar
         info["state_max_change"], info["state_rows"] = d, len(probes[STATE].rows)
         out += [why] if why else []
     if DOCS in probes:
-        why, d = docs_problem(rules, probes[DOCS], got[DOCS])
-        info["docs_max_change"], info["docs_rows"] = d, len(probes[DOCS].seps)
+        probe = probes[DOCS]
+        why, d = docs_problem(rules, probe, np.concatenate([got[DOCS][probe.slots], got[DOCS_B][probe.slots]]))
+        info["docs_max_change"], info["docs_rows"] = d, len(probe.seps)
         out += [why] if why else []
+        if normal is not None and not rules.test_time_training:
+            why, info["docs_normal_change"] = docs_pass_problem(rules, probe, normal, got)
+            out += [why] if why else []
     return out, info
+
+
+def docs_pass_problem(rules: TrackRules, probe: Probe, normal: np.ndarray,
+                      got: dict[str, np.ndarray]) -> tuple[str | None, float]:
+    """The windows the document probe's passes left as they were, against the normal pass: a
+    stateless model gives them the same logits; one that behaves otherwise when probed does not."""
+    rest = np.setdiff1d(np.arange(len(normal)), probe.slots)
+    d = max(float(np.abs(got[name][rest] - normal[rest]).max()) if len(rest) else 0.0 for name in (DOCS, DOCS_B))
+    tol = rules.state_tolerance or DEFAULT_TOLERANCE
+    if d <= tol:
+        return None, d
+    return (f"no cross-document attention{_pack(rules)}: the document probe's processes gave other logits (by "
+            f"{d:.4g}, tolerance {tol:g}) than the normal pass for the windows they left as they were: the model "
+            "behaves otherwise when it is probed"), d

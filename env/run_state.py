@@ -70,8 +70,11 @@ class Saved:
 # --- the state's bytes: regular files and folders only, never a link the run planted ----------------
 def pack(folder: Path, max_bytes: int) -> tuple[bytes | None, str]:
     """The folder as tar bytes, or (None, why). Files are opened without following links and must be
-    regular: a run must not make the worker read (and ship) a file outside its workdir."""
-    buf, total = io.BytesIO(), 0
+    regular: a run must not make the worker read (and ship) a file outside its workdir. The cap is on
+    the tar itself, headers included: many empty files with long names cost nothing in file bytes
+    and hundreds of bytes each on the controller's disk."""
+    buf = io.BytesIO()
+    over = f"the state is over its cap of {max_bytes / 2**20:g} MiB ([checkpoint] max_mb)"
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for root, dirs, files in os.walk(folder, followlinks=False):
             rel_root = Path(root).relative_to(folder)
@@ -81,6 +84,8 @@ def pack(folder: Path, max_bytes: int) -> tuple[bytes | None, str]:
                     info = tarfile.TarInfo(str(rel_root / d))
                     info.type, info.mode = tarfile.DIRTYPE, 0o755
                     tar.addfile(info)
+                    if buf.tell() > max_bytes:
+                        return None, over
             for name in sorted(files):
                 try:
                     fd = os.open(Path(root) / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -90,13 +95,14 @@ def pack(folder: Path, max_bytes: int) -> tuple[bytes | None, str]:
                     st = os.fstat(f.fileno())
                     if not stat.S_ISREG(st.st_mode):
                         continue
-                    total += st.st_size
-                    if total > max_bytes:
-                        return None, f"the state is over its cap of {max_bytes / 2**20:g} MiB ([checkpoint] max_mb)"
+                    if buf.tell() + st.st_size > max_bytes:
+                        return None, over
                     data = f.read(st.st_size)
                 info = tarfile.TarInfo(str(rel_root / name))
                 info.size, info.mode = len(data), 0o644
                 tar.addfile(info, io.BytesIO(data))
+                if buf.tell() > max_bytes:
+                    return None, over
     return buf.getvalue(), ""
 
 
@@ -153,6 +159,7 @@ class RunStateStore:
         self.lock = threading.Lock()
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.chmod(0o700)  # every run's state and weights: no sandboxed run may read another's
             (self.folder / PROGRESS_FILE).unlink(missing_ok=True)  # a dead controller's runs are not running
 
     def put(self, key: str, meta: dict, blob: bytes) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import secrets
 import shutil
 import stat
@@ -113,14 +114,37 @@ def observed_curve(reader: CurveReader, losses: dict[int, float] | None = None) 
 
 
 class CheckpointKeeper:
-    """Copies each validation step's checkpoint out of the run when its line arrives."""
+    """Copies each validation step's checkpoint out of the run when its line arrives, on a thread of
+    its own: the thread that reads the log must not wait on a copy, or the next line's arrival (the
+    clock check's observed time) is stamped late. On a loaded machine that alone made honest short
+    runs fail the clock check. `settle()` waits for every copy asked for."""
 
     def __init__(self, trust: Trust, workdir: Path, keep_dir: Path):
         self.trust, self.workdir, self.keep_dir = trust, workdir, keep_dir
         self.kept: dict[int, Path] = {}
         self.missing: dict[int, str] = {}
+        self.asked: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
 
     def take(self, step: int) -> None:
+        """Copy step's checkpoint now (in the copier thread, in the order asked)."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._copier, name="checkpoint-keeper", daemon=True)
+            self.thread.start()
+        self.asked.put(step)
+
+    def settle(self) -> None:
+        """Wait for the copies asked for (call it once the run has ended, before reading kept/missing)."""
+        if self.thread is not None:
+            self.asked.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def _copier(self) -> None:
+        while (step := self.asked.get()) is not None:
+            self.copy(step)
+
+    def copy(self, step: int) -> None:
         src = self.workdir / self.trust.checkpoints.format(step=step)
         dest = self.keep_dir / f"step_{step:06d}{src.suffix}"
         try:
@@ -227,9 +251,10 @@ def lookahead_problem(normal: np.ndarray, probed: np.ndarray, cuts: dict[int, in
 
 class Evaluator:
     """The model processes of one run's trusted evaluation: the normal pass over the checkpoints
-    (split between NORMAL_SHARDS processes, which run at once) and the look-ahead probe of the last
-    one, each a fresh sandboxed process in a fresh copy of the candidate's committed code (not what
-    the run left behind).
+    (split between NORMAL_SHARDS processes, which run at once) and the look-ahead probe of the
+    checkpoint the objective reads (the last, unless a budget ends earlier), each a fresh sandboxed
+    process in a fresh copy of the candidate's committed code (not what the run left behind), in a
+    folder named at random and hidden from the others (env/evaluate.py makes the run's folder private).
 
     With `{go}` in the model command, `start()` launches them beside the training run: they import
     their frameworks, then wait for the go file; `finish()` writes their inputs and the go file once
@@ -246,9 +271,11 @@ class Evaluator:
         self.run_dir = run_dir
         self.early = "{go}" in trust.model_command
         self.cancel = threading.Event()
-        self.normal = [Pass(f"trusted-{i}", run_dir / f"trusted-{i}") for i in range(NORMAL_SHARDS)]
-        self.probe = Pass("probe", run_dir / "probe") if trust.probe_rows else None
-        self.rule_passes = [Pass(name, run_dir / name) for name in rule_probes.pass_names(rules)]
+        # Each process's folder is named at random: its name (the model's working directory) must not
+        # tell a probe from the normal pass.
+        self.normal = [Pass(f"trusted-{i}", _folder(run_dir)) for i in range(NORMAL_SHARDS)]
+        self.probe = Pass("probe", _folder(run_dir)) if trust.probe_rows else None
+        self.rule_passes = [Pass(name, _folder(run_dir)) for name in rule_probes.pass_names(rules)]
         self.passes = self.normal + ([self.probe] if self.probe else []) + self.rule_passes
         self.started = False
 
@@ -275,20 +302,25 @@ class Evaluator:
             p.problem = f"sandbox error: {type(e).__name__}: {e}"
         p.seconds = round(time.perf_counter() - t, 3)
 
-    def finish(self, kept: dict[int, Path], heldout: Path, claimed: dict[int, float]) -> Measured:
-        """Recompute the loss at every kept checkpoint and probe the last one for look-ahead."""
+    def finish(self, kept: dict[int, Path], heldout: Path, claimed: dict[int, float],
+               at: int | None = None) -> Measured:
+        """Recompute the loss at every kept checkpoint; probe every one for look-ahead (a time or
+        steps to target is read where the curve crosses it, at any validation) and one for the track's
+        rules: `at`, the checkpoint the objective reads (a loss at a budget short of the run's end),
+        else the last. A model that cheats only at the checkpoint that counts is probed there."""
         trust = self.trust
         windows = heldout_windows(heldout, trust.windows, trust.seq_len)
         rng = np.random.default_rng(secrets.randbits(64))  # drawn here, unknown to the model process
         probed, cuts = probe_inputs(windows, trust.probe_rows, rng)
         steps = sorted(kept)
+        at = at if at in kept else steps[-1] if steps else None
         for i, p in enumerate(self.normal):
             p.steps, p.inputs = steps[i::len(self.normal)], windows[:, :-1]
         if self.probe is not None:
-            self.probe.steps, self.probe.inputs = steps[-1:], probed
+            self.probe.steps, self.probe.inputs = list(steps), probed
         rule_plan = rule_probes.plan(self.rules, windows, heldout, rng)
         for p in self.rule_passes:
-            p.steps, p.inputs = steps[-1:], rule_plan[p.name].inputs
+            p.steps, p.inputs = [at], rule_plan[p.name].inputs
         if not self.started:
             for p in self.passes:
                 self.materialise(p.folder)
@@ -307,25 +339,22 @@ class Evaluator:
         losses: dict[int, float] = {}
         last = None
         for p in self.normal:
-            got, logits = self._stream(p, windows[:, 1:])
+            got, logits = self._stream(p, windows[:, 1:], at)
             losses.update(got)
-            if p.steps and steps and p.steps[-1] == steps[-1]:
-                last = logits
+            if logits is not None:
+                last = logits  # the probed checkpoint's (the name stays: by default it is the last)
         for p in self.passes:
             p.thread.join()
             self._check_outcome(p)
-        if self.probe is not None and not self.probe.problem:
-            probe_logits = self._load(self.probe, 0)
         rule_logits = {p.name: self._load(p, 0) for p in self.rule_passes if not p.problem}
         info: dict = {"heldout_windows": int(len(windows)), "heldout_tokens": int(windows[:, 1:].size),
-                      "probe_rows": len(cuts), "process_s": {p.name: p.seconds for p in self.passes},
+                      "probe_rows": len(cuts), "probe_step": at, "process_s": {p.name: p.seconds for p in self.passes},
                       "started_early": self.early}
         problems = [f"trusted evaluation ({p.name} pass): {p.problem}" for p in self.passes if p.problem]
         if problems:
             return Measured({}, problems, info)
         if self.probe is not None:
-            why, d = lookahead_problem(last, probe_logits, cuts, trust.probe_tolerance)
-            info["probe_max_change"] = d
+            why, info["probe_max_change"] = self._lookahead(cuts)
             if why:
                 problems.append(why)
         problems += self._rule_problems(rule_plan, last, rule_logits, windows, heldout, info)
@@ -339,6 +368,22 @@ class Evaluator:
             problems[3:] = [f"{len(problems) - 3} more disagreements"]
         return Measured(losses, problems, info)
 
+    def _lookahead(self, cuts: dict[int, int]) -> tuple[str | None, float]:
+        """The look-ahead probe at each checkpoint against the normal pass's logits of the same one,
+        read back from their files one checkpoint at a time (two arrays in memory, never all)."""
+        assert self.probe is not None
+        worst = 0.0
+        for i, s in enumerate(self.probe.steps):
+            owner = next(p for p in self.normal if s in p.steps)
+            probed, normal = self._load(self.probe, i), self._load(owner, owner.steps.index(s))
+            if probed is None or normal is None:
+                return f"trusted evaluation (probe pass): no logits for the checkpoint of step {s}", float("inf")
+            why, d = lookahead_problem(normal, probed, cuts, self.trust.probe_tolerance)
+            if why:
+                return f"{why} at the checkpoint of step {s}", d
+            worst = max(worst, d)
+        return None, worst
+
     def _rule_problems(self, plan: dict, last: np.ndarray | None, logits: dict[str, np.ndarray],
                        windows: np.ndarray, heldout: Path, info: dict) -> list[str]:
         """The track's rules (env/rule_probes.py): its passes' logits, the windows, the data budget."""
@@ -351,11 +396,12 @@ class Evaluator:
         why, info["rules"]["train_tokens"] = rule_probes.budget_problem(self.rules, data_folder)
         return found + ([why] if why else [])
 
-    def _stream(self, p: Pass, targets: np.ndarray) -> tuple[dict[int, float], np.ndarray | None]:
+    def _stream(self, p: Pass, targets: np.ndarray, keep: int | None) -> tuple[dict[int, float], np.ndarray | None]:
         """The loss of each checkpoint of the normal pass as soon as its file is complete (the server
-        renames it into place); returns the losses and the last checkpoint's logits (for the probe)."""
+        renames it into place); returns the losses and the logits of checkpoint `keep` (for the probes)
+        when this pass has it."""
         losses: dict[int, float] = {}
-        logits = None
+        kept = None
         for i, s in enumerate(p.steps):
             path = p.folder / ".trusted" / "out" / f"{i:03d}.npy"
             while not path.exists() and p.thread.is_alive():
@@ -364,7 +410,8 @@ class Evaluator:
             if logits is None:
                 break
             losses[s] = cross_entropy(logits, targets)
-        return losses, logits
+            kept = logits if s == keep else kept
+        return losses, kept
 
     def _hand_over(self, p: Pass, kept: dict[int, Path]) -> None:
         """The checkpoints, their list and the inputs into the pass's folder; the go file last."""
@@ -427,6 +474,10 @@ class Evaluator:
             t.join()
 
 
+def _folder(run_dir: Path) -> Path:
+    return run_dir / f"m-{secrets.token_hex(6)}"
+
+
 def _tail(path: Path) -> str:
     try:
         return path.read_text(errors="replace")[-TAIL_CHARS:]
@@ -440,7 +491,7 @@ def extra_pass(ev: Evaluator, name: str, steps: list[int], inputs: np.ndarray,
     the same frozen model command, sandbox, limits and hidden paths, in a fresh copy of the committed
     code; it loads the checkpoints of `steps` and writes logits for `inputs`. Returns the checked
     logits, one array per step, or the problem. `ev.close()` removes its folder with the others'."""
-    p = Pass(name, ev.run_dir / name, steps=list(steps), inputs=inputs)
+    p = Pass(name, _folder(ev.run_dir), steps=list(steps), inputs=inputs)
     ev.passes.append(p)
     ev.materialise(p.folder)
     (p.folder / ".trusted").mkdir()

@@ -151,6 +151,7 @@ class BoundVolume:
 def new_folder(root: Path) -> Path:
     folder = Path(root) / ".warm" / f"w-{uuid.uuid4().hex[:10]}"
     folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.parent.chmod(0o700)  # private: the sandbox hides the other slots (other runs' workspaces) from each run
     return folder
 
 

@@ -50,6 +50,12 @@ class Budget:
         steps = self.limit / self.tokens_per_step if self.unit == "tokens" and self.tokens_per_step else self.limit
         return [p for p in curve if p.step <= steps + 1e-9]
 
+    def read_at(self, curve: list[Point]) -> int | None:
+        """The step (or epoch) whose validation the objective reads: the last inside the budget. The
+        trusted evaluator probes that checkpoint and scores the guards on it (env/evaluate.py)."""
+        inside = self.cut(curve)
+        return inside[-1].step if inside else None
+
     def words(self, steps: int | None = None) -> str:
         """The budget in words for a run of `steps` steps (or epochs), e.g. "410K tokens (bpb)"."""
         unit = self.unit

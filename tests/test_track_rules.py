@@ -255,7 +255,7 @@ def test_an_honest_document_masked_model_passes_every_rule(tmp_path, slowrun):
     windows = heldout_windows(t.data_path / t.trust.heldout, t.trust.windows, t.trust.seq_len)
     assert rules["heldout_digest"] == rule_probes.windows_digest(windows)
     assert set(r["provenance"]["trust"]["process_s"]) == {"trusted-0", "trusted-1", "probe", "rule-state",
-                                                          "rule-docs"}
+                                                          "rule-docs", "rule-docs-b"}
 
 
 # ---- the summary where people and models read it ----------------------------------------------------------------

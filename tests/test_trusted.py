@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from env.readout import CurveReader
-from env.trusted import cross_entropy, log_problems, lookahead_problem, observed_curve, probe_inputs
+from env.trusted import CheckpointKeeper, cross_entropy, log_problems, lookahead_problem, observed_curve, probe_inputs
 from search_space.records import Point, RunResult, Status
 from search_space.target import Readout, TargetError, Trust, load_target
 from tests import hostile_measure as H
@@ -189,6 +190,37 @@ def test_irregular_log_and_slow_start():
     problems, _ = log_problems(TRUST, fed(lines), 20, started=-100.0)
     assert problems[0] == "log: validations expected at steps 0, 10, 20; the log has 20"
     assert problems[1].startswith("start-up: 103.0 s passed before step 0")
+
+
+def test_the_log_is_read_on_while_a_checkpoint_is_copied(tmp_path: Path):
+    """The keeper copies on its own thread: `take` returns while a copy is still under way, so the next
+    line's arrival is stamped when it comes (a copy inline once stamped an honest run's pause marker
+    180 ms late on a loaded machine, and the clock check called the run's log a lie)."""
+    work, keep = tmp_path / "work", tmp_path / "keep"
+    work.mkdir()
+    trust = Trust(model_command="x", seq_len=8, windows=4, vocab=5, every=10, loss_tolerance=0.1,
+                  checkpoints="ckpt_{step}.pt")
+    for step in (0, 10):
+        (work / f"ckpt_{step}.pt").write_bytes(bytes([step]) * 100)
+    keeper = CheckpointKeeper(trust, work, keep)
+    release, copying = threading.Event(), threading.Event()
+    real_copy = keeper.copy
+
+    def slow_copy(step: int) -> None:
+        copying.set()
+        release.wait(30)
+        real_copy(step)
+
+    keeper.copy = slow_copy
+    keeper.take(0)
+    keeper.take(10)  # returned although the first copy is held up
+    assert copying.wait(30) and keeper.kept == {}
+    release.set()
+    keeper.settle()
+    assert sorted(keeper.kept) == [0, 10] and (keep / "step_000010.pt").read_bytes() == bytes([10]) * 100
+    keeper.take(20)  # no such file: recorded as missing, the keeper goes on
+    keeper.settle()
+    assert 20 in keeper.missing and sorted(keeper.kept) == [0, 10]
 
 
 def test_cross_entropy_matches_the_definition():
