@@ -192,15 +192,15 @@ class Continuation:
             "counts": self.reader.readout.counts if self.reader else "step",
             "elapsed_s": round(self.saved.elapsed_s, 3) if self.saved else 0.0,
             "resumed_from": self.saved.step if self.saved else None})
+        self.last_progress: Any = None  # (step, arrival) of the last progress sent
         self.thread = threading.Thread(target=self._loop, args=(workdir, log_path), name="run-state", daemon=True)
         self.thread.start()
 
     def _loop(self, workdir: Path, log_path: Path) -> None:
-        last_progress = None
         while not self.stop.wait(POLL_S):
             try:
                 self._take(workdir / self.config.path, log_path)
-                last_progress = self._progress(last_progress)
+                self.last_progress = self._progress(self.last_progress)
             except Exception as e:  # the run goes on; it only cannot continue from here
                 self.problem = self.problem or f"{type(e).__name__}: {e}"
 
@@ -244,6 +244,8 @@ class Continuation:
                       pauses={k: v - start for k, v in reader.pauses.items() if k <= step},
                       log=self.log_kept, breaks=self.saved.breaks + [self.saved.step] if self.saved else [],
                       kept=sorted(s for s in self.kept_sent if s <= step), kept_problem=self.kept_problem)
+        # the progress first (the store's calls run in order): a state is never seen ahead of it
+        self.last_progress = self._progress(self.last_progress)
         ray.get(self.store.put.remote(self.key, asdict(saved), blob))
         self.sent, self.pending = first, None
 
