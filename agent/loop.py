@@ -32,7 +32,7 @@ from agent.recorder import Recorder, attach_view, record_run, record_rung, recor
 from agent.resume import FDR_KEY, INTERRUPTED, Restored, restore, rewards
 from agent.review.desk import Desk
 from agent.settings import SearchSettings
-from agent.trial import BASE, CANDIDATE, Trial, rejected
+from agent.trial import BASE, CANDIDATE, Trial, rejected, whole_pairs
 from env.evaluate import RunSpec
 from env.pool import Pool, RunLost
 from runs_db import dashboard
@@ -230,7 +230,7 @@ class Search:
         t.expect(t.batch, paired)
         carried, t.carried = t.carried, {}  # finished before a stop or crash (agent/resume.py): not run again
         if paired:  # a pair is carried whole or run again whole: its two runs are compared as side by side
-            carried = {k: r for k, r in carried.items() if (CANDIDATE, k[1]) in carried and (BASE, k[1]) in carried}
+            carried = whole_pairs(carried)
         # Single-seed rungs are pruned against the baseline band; a pair runs whole, both sides alike.
         band = self.baselines[fid].band if (fid in self.baselines and not t.is_baseline and not paired) else None
         for seed in t.batch:  # a pair: the candidate and the base with the same seed, sent together

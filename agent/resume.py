@@ -18,7 +18,7 @@ from typing import Any
 from agent.candidates import Record
 from agent.names import SEARCH_PROPOSERS, Rung, Verdict, Who
 from agent.proposal import Proposal
-from agent.trial import BASE, CANDIDATE, Trial
+from agent.trial import BASE, CANDIDATE, Trial, whole_pairs
 from runs_db.db import RunsDB
 from search_space.judge import fresh_seeds
 from search_space.records import RunResult, Status
@@ -142,7 +142,7 @@ def _carry(db: RunsDB, trial: Trial, last, trials: list, first_batch: int) -> No
         n = max([len(trial.batch)] + [order.index(s) + 1 for _, s in kept if s in order])
         trial.batch = tuple(order[:n])
     if base is not None:
-        kept = {k: r for k, r in kept.items() if (CANDIDATE, k[1]) in kept and (BASE, k[1]) in kept}
+        kept = whole_pairs(kept)
     trial.carried = {k: r for k, r in kept.items() if k[1] in trial.batch}
 
 

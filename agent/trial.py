@@ -120,6 +120,12 @@ class Trial:
         return self.verdict == Verdict.PASS
 
 
+def whole_pairs(runs: dict[tuple[str, int], RunResult]) -> dict[tuple[str, int], RunResult]:
+    """The (role, seed) -> run entries whose seed has both a candidate and a base run: a pair's two
+    runs are compared as run side by side, so a lone one is never carried into a later pair."""
+    return {k: r for k, r in runs.items() if (CANDIDATE, k[1]) in runs and (BASE, k[1]) in runs}
+
+
 def rejected(proposal: Proposal, why: str) -> Outcome:
     """The outcome of a proposal that never ran."""
     return Outcome(rung="", status="rejected", final=True, verdict=Verdict.STOPPED, reason=why)

@@ -105,7 +105,7 @@ class Continuation:
 
     def __init__(self, spec, store: Any, key: str):
         self.config: RunCheckpoint = spec.target.checkpoint
-        trust = spec.target.trust if spec.target.readout.format == "speedrun" else None  # as evaluate reads it
+        trust = spec.target.checked_trust
         self.allowance_s = trust.startup_allowance_s + spec.target.resources.startup_s if trust else None
         self.store, self.key, self.run_id = store, key, spec.run_id
         self.total = spec.target.steps(spec.fidelity)

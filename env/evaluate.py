@@ -147,7 +147,7 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         target_env = {**continuation.env(resume), **target_env}
     if flags:
         command += " " + " ".join(shlex.quote(f) for f in flags)
-    trust = target.trust if target.readout.format == "speedrun" else None
+    trust = target.checked_trust
     reader = (continuation.make_reader if continuation is not None else CurveReader)(
         target.readout, steps, trust.pause_regex if trust else None)
     keeper = CheckpointKeeper(trust, workdir, run_dir / "ckpt") if trust else None

@@ -337,12 +337,12 @@ class Evaluator:
                 self._hand_over(p, kept)
         # The losses are computed as each checkpoint's logits appear, while the process works on the next.
         losses: dict[int, float] = {}
-        last = None
+        at_logits = None  # the normal pass's logits of checkpoint `at`, for the rule probes
         for p in self.normal:
             got, logits = self._stream(p, windows[:, 1:], at)
             losses.update(got)
             if logits is not None:
-                last = logits  # the probed checkpoint's (the name stays: by default it is the last)
+                at_logits = logits
         for p in self.passes:
             p.thread.join()
             self._check_outcome(p)
@@ -357,7 +357,7 @@ class Evaluator:
             why, info["probe_max_change"] = self._lookahead(cuts)
             if why:
                 problems.append(why)
-        problems += self._rule_problems(rule_plan, last, rule_logits, windows, heldout, info)
+        problems += self._rule_problems(rule_plan, at_logits, rule_logits, windows, heldout, info)
         losses = dict(sorted(losses.items()))
         for s in steps:
             c, m = claimed.get(s), losses[s]

@@ -214,6 +214,11 @@ class Target:
     source: Path | None = None  # the target.toml it came from
     checkpoint: RunCheckpoint | None = None  # None: a lost run starts again from zero
 
+    @property
+    def checked_trust(self) -> Trust | None:
+        """The [trust] section a run is held to: only a speedrun-format log is checked against it."""
+        return self.trust if self.readout.format == "speedrun" else None
+
     def steps(self, fidelity: str) -> int:
         try:
             return self.fidelities[fidelity].steps

@@ -23,6 +23,7 @@ import pytest
 from env.evaluate import RunSpec, evaluate, make_sandbox
 from search_space.records import Status
 from search_space.target import load_target
+from tests.test_track_rules import write_shard
 
 V = 16  # the toy's vocabulary
 
@@ -186,12 +187,6 @@ windows = 16
 '''
 
 
-def _shard(path: Path, tokens: np.ndarray) -> None:
-    header = np.zeros(256, dtype=np.int32)
-    header[:3] = 20240520, 1, len(tokens)
-    path.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
-
-
 def _chain(rng: np.random.Generator, n: int, sharp: float) -> np.ndarray:
     """n tokens of a Markov chain with a random transition matrix (sharper: more predictable)."""
     p = rng.dirichlet(np.full(V, 1 / sharp), size=V)
@@ -220,9 +215,9 @@ def toy(public_root):
     data.chmod(0o755)
     rng = np.random.default_rng(7)
     text = _chain(rng, 26000, 2.0)  # the "code" the run trains on and the objective is measured on
-    _shard(data / "run" / "train_000.bin", text[:22000])
-    _shard(data / "heldout" / "val_000.bin", text[22000:])
-    _shard(data / "guard" / "text_000.bin", _chain(rng, 4000, 2.0))  # the guard's "prose": another chain
+    write_shard(data / "run" / "train_000.bin", text[:22000])
+    write_shard(data / "heldout" / "val_000.bin", text[22000:])
+    write_shard(data / "guard" / "text_000.bin", _chain(rng, 4000, 2.0))  # the guard's "prose": another chain
     folder.mkdir()
     (folder / "train.py").write_text(TRAIN)
     (folder / "model_server.py").write_text(MODEL_SERVER)
