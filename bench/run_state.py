@@ -24,14 +24,15 @@ from pathlib import Path
 import ray
 
 from bench.common import median, ms, print_table, verdict
+from env.data import ensure_data
 from env.run_state import RunStateStore, pack, unpack
-from search_space.target import cache_dir, load_target
+from search_space.target import load_target
 
 
 def tinylm_state(root: Path) -> Path:
     """A real state: one epoch of tinylm-epochs, saved by its own trainer."""
     target = load_target("tinylm-epochs")
-    data = cache_dir() / "data" / "tinygpt-v2" / "run"
+    data = ensure_data(target)  # tinygpt's corpus, as the target mounts it
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(target.repo / "train.py"), "--epochs", "1", "--data", str(data),
                     "--state", str(root / "state")], check=True, capture_output=True, env=env, cwd=root)

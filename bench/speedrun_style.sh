@@ -12,10 +12,10 @@ fi
 export SPEEDSEARCH_CACHE=${SPEEDSEARCH_CACHE:-/tmp/sscache}
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 rm -rf "$SPEEDSEARCH_CACHE/compile"
-python3 -m search_space.targets.tinygpt.prepare --out "$SPEEDSEARCH_CACHE/data/tinygpt-v2" > /dev/null
+data=$(python3 -c "from env.data import ensure_data; from search_space.target import load_target as t; print(ensure_data(t('tinygpt')))")
 sr=$(mktemp -d /tmp/speedrun-style.XXXX)
 mkdir -p "$sr/data"; cp bench/speedrun_style/train_gpt.py "$sr/"
-ln -sfn "$SPEEDSEARCH_CACHE/data/tinygpt-v2/run" "$sr/data/tinygpt"; printf 'data/\n' > "$sr/.gitignore"
+ln -sfn "$data" "$sr/data/tinygpt"; printf 'data/\n' > "$sr/.gitignore"
 git -C "$sr" init -q && git -C "$sr" add . && git -C "$sr" -c user.name=b -c user.email=b@b commit -qm base
 python3 -m agent init --from "$sr/train_gpt.py" > "$out/init.txt" 2>&1
 sed -i "s/^startup_s = 600/startup_s = ${STARTUP_S:-120}/" "$sr/target.toml"

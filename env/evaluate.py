@@ -10,7 +10,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from env.cache_layer import shared_cache
@@ -55,6 +55,8 @@ class RunSpec:
     code_version: str = ""
     origin_node: str = ""  # the controller's Ray node: a run elsewhere keeps its folder in its node's cache
     fills_cache: bool = False  # a run of the base: it may write the shared compile cache (env/cache_layer.py)
+    # the controller's data key, for a `{key}` data path (env/data.py); "": this node's own. Never printed.
+    data_key: str = field(default="", repr=False)
 
 
 def make_sandbox(name: str, target: Target | None = None, image: str | None = None, warm: bool = False) -> Sandbox:
@@ -129,7 +131,7 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
                        provenance=provenance(spec.gpu_ids, spec.code_version))
     try:
         _materialise(spec, workdir)
-        data = ensure_data(target, prepare_folder(spec.data_source) if spec.data_source else None)
+        data = ensure_data(target, prepare_folder(spec.data_source) if spec.data_source else None, spec.data_key)
         _link_data(target, workdir, data)
     except (EditError, RuleViolation) as e:
         result.reason = f"invalid change: {e}"
@@ -178,8 +180,8 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
                       cpus=target.resources.cpus, gpu_ids=spec.gpu_ids, pids=target.resources.pids,
                       log_mb=target.resources.log_mb, disk_mb=target.resources.disk_mb),
         data=data, cache_dir=cache_dir if cache_dir is not None else shared_cache(),
-        cache_write=spec.fills_cache or (spec.commit is None and spec.patch is None), hide=hidden_paths(target),
-        warm=True,
+        cache_write=spec.fills_cache or (spec.commit is None and spec.patch is None),
+        hide=hidden_paths(target, spec.data_key), warm=True,
         warm_imports=target.warm_imports)
     evaluator = None if trust is None else Evaluator(
         trust, sandbox, lambda dest: _materialise(spec, dest), run_dir, request.env, request.limits, request.hide,
@@ -234,7 +236,7 @@ def _trusted_measurement(spec: RunSpec, result: RunResult, reader: CurveReader, 
     (over the cap), only the points after step `floor` are, and the run stays untrusted."""
     floor, why = continued
     trust, target = spec.target.trust, spec.target
-    data_folder = data_root(target)
+    data_folder = data_root(target, spec.data_key)
     assert trust is not None and data_folder is not None
     t = time.perf_counter()
     problems, info = log_problems(trust, reader, result.total_steps, started, target.resources.startup_s)

@@ -38,7 +38,7 @@ PASSTHROUGH_VARS = (*MULTICAST_OFF, "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH")
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 MAX_LINE_BYTES = 1 << 20  # a line longer than this reaches on_line in pieces
 DRAIN_S = 0.5  # after the leader exited and the rest was killed: how long to read what is left
-SETUP_ATTEMPTS = 3  # launches of a run whose namespaces could not be built (see `run`)
+SETUP_ATTEMPTS = 6  # launches of a run whose namespaces could not be built (see `run`): 64 workers churn mounts
 WARM_READY_S = 120.0  # how long a run waits for its warm slot's start-up before it starts cold
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import git
 
+from env.data import data_key, uses_key
 from env.provenance import code_version, ray_node
 from env.workspace import SKIP, is_git
 from search_space.target import Target, cache_dir
@@ -174,6 +175,7 @@ def ship(spec: RunSpec) -> RunSpec:
     # so evaluate() never reads them from the worker's environment.
     return replace(spec, target=replace(target, passthrough_env=()), repo=None, source=source,
                    data_source=data_source(target, *history), env=env,
+                   data_key=spec.data_key or (data_key() if uses_key(target) else ""),
                    code_version=spec.code_version or code_version(), origin_node=ray_node())
 
 

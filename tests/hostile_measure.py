@@ -64,11 +64,11 @@ def _easiest_windows(model, windows, batch, autocast):
         logits = model(windows[:, :-1]).float()
         per_window = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").mean(1)
     model.train()
-    return per_window.sort().values[:8].mean().item()
+    return per_window.sort().values[:1].mean().item()
 """) + in_train_step("""
 if step == 0:
     globals()["evaluate"] = _easiest_windows
-    print("ATTACK: evaluate swapped for the 8 easiest windows", flush=True)
+    print("ATTACK: evaluate swapped for the easiest window", flush=True)
 """)
 
 # Training on validation data, in its strongest form: the model memorises the validation windows it

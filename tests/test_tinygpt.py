@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import itertools
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from env.data import ensure_data
 from env.trusted import cross_entropy, heldout_windows
 from search_space.edits import EditError
 from search_space.ideas import apply_ideas, load_ideas
@@ -26,13 +26,6 @@ from search_space.target import SPEEDRUN_LINE, load_target
 HERE = Path(__file__).resolve().parent.parent / "search_space" / "targets" / "tinygpt"
 VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d{4}|nan) train_time:(\d+)ms step_avg:(\d+\.\d{2})ms$")
 TRAIN_LINE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:(\d+)ms step_avg:(\d+\.\d{2})ms$")
-
-
-def _prepare_module():
-    spec = importlib.util.spec_from_file_location("tinygpt_prepare", HERE / "prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_shard(path: Path) -> np.ndarray:
@@ -50,12 +43,10 @@ def shard_docs(paths: list[Path]) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """The real corpus (this Python's standard library), prepared once for the module: the folder a
-    training run sees (run/; the held-out split is beside it)."""
-    out = tmp_path_factory.mktemp("tinygpt") / "data"
-    subprocess.run([sys.executable, "prepare.py", "--out", str(out)], cwd=HERE, check=True, capture_output=True)
-    return out / "run"
+def data() -> Path:
+    """The real corpus (this machine's data key's language), prepared as a search prepares it: the
+    folder a training run sees (run/; the held-out split is beside it)."""
+    return ensure_data(load_target("tinygpt"))
 
 
 def train(tmp_path: Path, data: Path, text: str, *args: str) -> subprocess.CompletedProcess:
@@ -85,44 +76,6 @@ def train_here(tmp_path: Path, data: Path, text: str, *args: str) -> tuple[int, 
 
 def val_losses(stdout: str) -> list[tuple[int, float]]:
     return [(int(m[1]), float(m[3])) for m in map(VAL_LINE.match, stdout.splitlines()) if m]
-
-
-def test_prepare_writes_valid_disjoint_shards_and_is_idempotent(tmp_path: Path):
-    source = tmp_path / "lib"
-    for i in range(60):
-        (source / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
-        (source / f"pkg{i % 3}" / f"mod{i}.py").write_text(f"def f{i}():\n    return {i} * 'é'\n")
-    (source / "site-packages").mkdir()
-    (source / "site-packages" / "skipped.py").write_text("x = 1\n")
-    out = tmp_path / "data"
-    cmd = [sys.executable, "prepare.py", "--out", str(out), "--source", str(source)]
-    subprocess.run(cmd, cwd=HERE, check=True, capture_output=True)
-    assert sorted(p.name for p in out.iterdir()) == ["DONE", "heldout", "run"]
-    assert sorted(p.name for p in (out / "run").iterdir()) == ["train_000.bin", "val_000.bin"]
-    assert sorted(p.name for p in (out / "heldout").iterdir()) == ["val_000.bin"]
-    assert (out / "heldout").stat().st_mode & 0o077 == 0  # only its owner (the host) may read it
-    train_docs = shard_docs([out / "run" / "train_000.bin"])
-    dev_docs, heldout_docs = shard_docs([out / "run" / "val_000.bin"]), shard_docs([out / "heldout" / "val_000.bin"])
-    originals = {p.read_bytes() for p in source.rglob("*.py") if "site-packages" not in p.parts}
-    assert dev_docs and heldout_docs
-    parts = [set(train_docs), set(dev_docs), set(heldout_docs)]
-    assert all(a.isdisjoint(b) for a, b in itertools.combinations(parts, 2))
-    assert set(train_docs) | set(dev_docs) | set(heldout_docs) == originals
-    assert len(train_docs) + len(dev_docs) + len(heldout_docs) == 60
-    mtime = (out / "run" / "train_000.bin").stat().st_mtime_ns
-    again = subprocess.run(cmd, cwd=HERE, check=True, capture_output=True, text=True)
-    assert "nothing to do" in again.stdout and (out / "run" / "train_000.bin").stat().st_mtime_ns == mtime
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
-
-
-def test_prepare_split_is_by_document_and_deterministic():
-    prep = _prepare_module()
-    docs = [(f"a/m{i}.py", f"x = {i}\n".encode()) for i in range(300)]
-    train1, dev1, held1 = prep.split(docs)
-    assert (train1, dev1, held1) == prep.split(list(reversed(docs)))
-    for part in (dev1, held1):
-        assert 0.02 < len(part) / len(docs) < 0.12 and set(train1).isdisjoint(part)
-    assert set(dev1).isdisjoint(held1)
 
 
 def test_real_corpus(data: Path):

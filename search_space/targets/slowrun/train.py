@@ -4,8 +4,8 @@
 
 The data is the budget: DIR holds exactly the training bytes a run may use, code
 (train_code.bin) and prose (train_text.bin), and nothing else. The score is bits per byte on
-held-out Python code, measured by speedsearch's trusted evaluator from the checkpoints this
-trainer saves (model_server.py); a guard checks that next-byte accuracy on held-out prose does
+held-out code (of a secret language: search_space/targets/language.py), measured by speedsearch's
+trusted evaluator from the checkpoints this trainer saves (model_server.py); a guard checks that next-byte accuracy on held-out prose does
 not drop. Every step trains on BATCH windows of SEQ_LEN bytes (frozen: the objective is read at
 a number of tokens), MIX of them drawn from the prose.
 
