@@ -1,7 +1,9 @@
 """From a proposal to a candidate commit, and from the history to a proposer's context.
 
 A proposal is applied to its parent's files in memory, checked against the target's rules, and
-rejected before any GPU time is spent when its normalised content was already tried.
+rejected before any GPU time is spent when its normalised content was already tried. The commit
+itself is written on the committer's thread (agent/committer.py); `committed` takes it back here,
+on the loop's thread, which alone reads and writes this object.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent.proposal import Attempt, Proposal, ProposalContext
 from runs_db.db import RunsDB
@@ -18,7 +21,11 @@ from search_space.knobs import KNOBS_FILE, knob_changes
 from search_space.rules import RuleViolation, check_change, matches
 from search_space.target import Target
 
+if TYPE_CHECKING:
+    from agent.committer import Written
+
 MAX_BEST, MAX_FAILURES = 5, 6
+DIFF_CACHE = 1024  # the committer hands every new commit's diff over; the ones shown stay (LRU)
 
 
 def normalised_key(files: dict[str, str]) -> str:
@@ -47,29 +54,44 @@ class Candidates:
     def __init__(self, db: RunsDB, target: Target, cache_size: int = 256):
         self.db, self.target = db, target
         self._files: OrderedDict[str, dict[str, str]] = OrderedDict()
-        self._diffs: dict[str, str] = {}
+        self._diffs: OrderedDict[str, str] = OrderedDict()
         self.cache_size = cache_size
         self.records: list[Record] = []
         self.seen: dict[str, str] = {}  # normalised key -> commit
         self.rejected: set[str] = set()  # commits a reviewer rejected: never a parent (agent/review/desk.py)
-        for commit, *_ in [(db.base_commit,), *db.candidates()]:
+        # candidate commits no study trial names yet: made ahead by the committer, or left by a crash
+        # (a resume runs those at smoke); the loop removes one when it starts its first trial, and a
+        # clean stop deletes the branches of those left (Committer.discard)
+        self.unrecorded: set[str] = set()
+        cands = db.candidates()
+        for commit, *_ in [(db.base_commit,), *cands]:
             self.seen.setdefault(normalised_key(self.files(commit)), commit)
+        if cands:
+            recorded = {t.commit for t in db.trials()}
+            self.unrecorded = {c for c, *_ in cands if c not in recorded}
 
     def files(self, commit: str) -> dict[str, str]:
         """The editable files (and the knob file) of a commit; commits never change, so this caches."""
         if commit not in self._files:
-            every = self.db.files(commit)
-            self._files[commit] = {p: t for p, t in every.items()
-                                   if p == KNOBS_FILE or matches(p, self.target.editable)}
-            if len(self._files) > self.cache_size:
-                self._files.popitem(last=False)
+            self._keep_files(commit, self.db.files(commit))
         self._files.move_to_end(commit)
         return self._files[commit]
 
+    def _keep_files(self, commit: str, files: dict[str, str]) -> None:
+        self._files[commit] = {p: t for p, t in files.items() if p == KNOBS_FILE or matches(p, self.target.editable)}
+        if len(self._files) > self.cache_size:
+            self._files.popitem(last=False)
+
     def diff(self, commit: str) -> str:
         if commit not in self._diffs:
-            self._diffs[commit] = self.db.diff(commit)
+            self._keep_diff(commit, self.db.diff(commit))
+        self._diffs.move_to_end(commit)
         return self._diffs[commit]
+
+    def _keep_diff(self, commit: str, diff: str) -> None:
+        self._diffs[commit] = diff
+        if len(self._diffs) > DIFF_CACHE:
+            self._diffs.popitem(last=False)
 
     def changes(self, parent: str, edits: list[Edit], knobs: dict | None = None) -> dict[str, str]:
         """Apply edits and knob values to the parent's files; raises EditError / RuleViolation."""
@@ -99,19 +121,23 @@ class Candidates:
             return None, str(e)
         key = normalised_key({**self.files(proposal.parent), **changes})
         if key in self.seen:
+            if self.seen[key]:  # the loop may hand it to a twin nobody proposed in this search (a resume's)
+                proposal.meta["twin"] = self.seen[key]
             return None, f"already tried as {self.seen[key][:8] or 'a queued proposal'} (same normalised change)"
-        self.seen[key] = ""
+        self.seen[key] = ""  # reserved until the committer's commit comes back (`committed`)
         proposal.meta["key"] = key
         return changes, ""
 
-    def commit(self, proposal: Proposal, changes: dict[str, str]) -> tuple[str | None, str]:
-        """Commit accepted changes as a child of the parent: (commit, "") or (None, why not)."""
-        commit, created = self.db.commit_candidate(proposal.parent, changes, proposal.title, proposal.rationale,
-                                                   proposal.proposer, model=proposal.model)
-        self.seen[proposal.meta["key"]] = commit
-        if not created:
-            return None, f"same tree as {commit[:8]}"
-        return commit, ""
+    def committed(self, proposal: Proposal, changes: dict[str, str], written: Written) -> tuple[str | None, str]:
+        """The committer's commit of an accepted proposal's `changes`: (commit, "") or (None, why not)."""
+        self.seen[proposal.meta["key"]] = written.commit
+        if not written.created:
+            return None, f"same tree as {written.commit[:8]}"
+        self.unrecorded.add(written.commit)
+        self._keep_diff(written.commit, written.diff)
+        if proposal.parent in self._files:  # its files are known without git, should it become a parent
+            self._keep_files(written.commit, {**self._files[proposal.parent], **changes})
+        return written.commit, ""
 
     def record(self, r: Record) -> None:
         self.records.append(r)

@@ -22,6 +22,7 @@ from agent import ladder, reward
 from agent.ahead import Ahead
 from agent.baseline import Baselines, run_fidelity
 from agent.candidates import Candidates, Record
+from agent.committer import Committer
 from agent.faults import LOST_KEY, TRIES, Faults
 from agent.live import Live
 from agent.meter import Meter, Summary
@@ -80,6 +81,7 @@ class Search:
         attach_view(db, target)  # optuna-dashboard's view: one trial per candidate
         self.next_number = 0  # Optuna numbers trials 0, 1, 2, ... in the order this loop starts them
         self.ahead = Ahead(self.policy, proposers, self.candidates, self.live, max(2, min(8, self.capacity + 1)))
+        self.committer = Committer(db)  # accepted proposals are committed on its thread, ahead of need
 
     @property
     def first_batch(self) -> int:
@@ -106,7 +108,8 @@ class Search:
         if self._budget_hit() or not self.policy.live_arms():
             return 0
         ready = sum(1 for *_, t in self.queue if t.rung == Rung.SMOKE and not t.is_baseline)
-        return self.capacity + self.capacity // 2 + 1 - ready - len(self.ahead.futures)  # keep proposals ahead
+        return (self.capacity + self.capacity // 2 + 1 - ready - len(self.ahead.futures)  # keep proposals ahead
+                - self.committer.pending)
 
     def _propose(self) -> None:
         self.ahead.ask(self._want_proposals(), self.db.base_commit, self._nodes(), self.baselines.line())
@@ -129,11 +132,35 @@ class Search:
         for arm, parent, proposal in self.ahead.collect():
             self.summary.dollars += proposal.cost.dollars
             changes, why = self.candidates.accept(proposal)
+            if changes is None and self._adopt(arm, proposal):
+                continue
             if changes is None:
                 self.live.note(f"rejected {proposal.title[:60]}: {why}")
                 self._tell(arm, proposal, rejected(proposal, why))
                 continue
-            self.push(Trial("", parent, proposal.title, proposal.proposer, proposal.model, arm, proposal, changes))
+            self.committer.submit(Trial("", parent, proposal.title, proposal.proposer, proposal.model, arm, proposal,
+                                        changes))
+        for t, written in self.committer.collect():  # committed on the committer's thread, in order
+            commit, why = self.candidates.committed(t.proposal, t.changes, written)
+            if commit is None:
+                self.live.note(f"rejected {t.title[:60]}: {why}")
+                self._tell(t.who, t.proposal, rejected(t.proposal, why))
+                continue
+            t.commit, t.changes = commit, None
+            self.push(t)
+
+    def _adopt(self, arm: str, proposal) -> bool:
+        """A proposal whose twin is a commit a crash left before any trial (a resume runs it at smoke,
+        knowing no proposal): the proposal becomes that candidate's, so its proposer hears how it did
+        instead of "already tried"."""
+        twin = self.trials.get(proposal.meta.get("twin", ""))
+        if twin is None or twin.proposal is not None or twin.is_baseline or twin.who != proposal.proposer:
+            return False
+        if twin.ended:
+            self._tell(arm, proposal, twin.outcome(final=True))
+        else:
+            twin.proposal, twin.arm = proposal, twin.arm or arm
+        return True
 
     # --- runs
     def _dispatch(self) -> None:
@@ -173,16 +200,10 @@ class Search:
             if new_trial and self._budget_hit():  # a new study trial is what the budget counts
                 self.stranded.append(t)
                 continue
-            if not t.commit:  # an accepted proposal: committed right before its first run
-                commit, why = self.candidates.commit(t.proposal, t.changes)
-                if commit is None:
-                    self.live.note(f"rejected {t.title[:60]}: {why}")
-                    self._tell(t.who, t.proposal, rejected(t.proposal, why))
-                    continue
-                t.commit, t.changes = commit, None
             if new_trial:
                 self.trials[t.commit] = t
                 self.summary.trials += 1
+                self.candidates.unrecorded.discard(t.commit)  # its study trial is recorded next (_start)
             self.meter.charge(self._start(t), t0)
         for item in blocked:
             heapq.heappush(self.queue, item)
@@ -505,19 +526,22 @@ class Search:
 
     def _idle(self) -> bool:
         """Nothing running, nothing being proposed, nothing that could start."""
-        return (not self.inflight and not self.ahead.futures and not self.ready
+        return (not self.inflight and not self.ahead.futures and not self.ready and not self.committer.pending
                 and not any(self._runnable(t) for *_, t in self.queue))
 
     def _why_free(self) -> str:
         """Why a worker is free now, for bench/loop.py: "lag" (something runnable waits: the loop is
         behind), "pair" (a pair waits for a second free worker), "baseline" (candidates wait for the
-        base's numbers), "proposals" (asked, not back yet), "budget" (nothing new may start), "nothing"."""
+        base's numbers), "commits" (accepted, on the committer's thread), "proposals" (asked, not back
+        yet), "budget" (nothing new may start), "nothing"."""
         if self.ready:
             return "pair" if len(self.ready[0][2]) > self.capacity - len(self.inflight) else "lag"
         if any(self._runnable(t) for *_, t in self.queue):
             return "budget" if self._budget_hit() else "lag"
         if self.queue:
             return "baseline"
+        if self.committer.pending:
+            return "commits"
         if self.ahead.futures:
             return "proposals"
         return "budget" if self._budget_hit() else "nothing"
@@ -563,7 +587,7 @@ class Search:
             with self.live:
                 while True:
                     t_iter = time.perf_counter()
-                    self._collect_runs(timeout=0.02 if self.ahead.futures else 0.2)
+                    self._collect_runs(timeout=0.02 if self.ahead.futures or self.committer.pending else 0.2)
                     self._dispatch()  # refill freed workers before anything slower
                     self.desk.tick()  # before proposing: a reject made a second ago already counts
                     self._propose()
@@ -607,7 +631,12 @@ class Search:
         except Exception as e:  # raised once everything below is closed
             told_error = e
         self.teller.shutdown(wait=True)
-        waiting = {id(t): t for t in [t for *_, t in self.queue] + self.stranded}
+        late = []  # committed (or not) after the last pickup: never started, their proposers hear below
+        for t, written in self.committer.collect(wait=True):
+            if written is not None:
+                self.candidates.committed(t.proposal, t.changes, written)
+            late.append(t)
+        waiting = {id(t): t for t in [t for *_, t in self.queue] + self.stranded + late}
         running = {id(t): t for t in self.open.values()}
         for key, t in {**running, **waiting}.items():  # their proposers hear now, so none is left waiting
             if t.proposal is None or t.ended:  # (a resume runs them on, learners rebuild)
@@ -621,6 +650,9 @@ class Search:
         self.ready.clear()
         self.open.clear()
         self.ahead.stop()
+        # a candidate branch is a commit some study trial names: those made ahead and never started go
+        # (one left behind is harmless: a resume runs it at smoke)
+        self.committer.close(discard=self.candidates.unrecorded)
         self.desk.close()
         self.recorder.call(self.db.set_state, STATE_KEY, self.policy.state())
         try:

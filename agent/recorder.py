@@ -1,7 +1,9 @@
 """Records results off the loop's thread, in order, so a finished run frees its worker at once.
 
 One thread runs the database writes (Optuna, artifacts, git notes) in the order they were asked
-for; the loop only waits for them at the end (`flush`). Git commits stay on the loop's thread.
+for; the loop only waits for them at the end (`flush`). Candidate commits are made earlier, on
+the committer's thread (agent/committer.py): a trial is started, and recorded here, only once its
+commit exists.
 The same thread keeps the search's candidate view (runs_db.dashboard, what optuna-dashboard
 shows) beside the loop's own study: `attach_view` once, then `record_start` and `record_rung`.
 """

@@ -22,7 +22,7 @@ CANDIDATE, BASE = "candidate", "base"  # the two roles of a run; confirm runs on
 
 @dataclass
 class Trial:
-    commit: str  # "" until an accepted proposal is committed, right before its first run
+    commit: str  # "" until its accepted proposal is committed (agent/committer.py), before it is queued
     parent: str
     title: str
     who: str  # a Who: the proposer, or BASELINE for the base's own measurements

@@ -5,19 +5,22 @@
 A local Ray cluster with logical GPUs (one per worker), the toy trainer (tests/toy.py) whose full
 runs sleep `run-s` seconds (16 steps; short 8, smoke 2), the default proposers (ideas, knobs),
 confirm allowed for the untrusted toy so its paired runs load the pool too. Reports the
-controller's time per trial (commit, Optuna, git notes, artifacts, scheduling: everything the
-loop does for a trial), and how busy the workers were between the first run's start and the last
-dispatch, counting only the trainer's own active time (its last logged train_time), and, as a
-check that every learner was told, the knobs sampler's trials left RUNNING (goal 0).
+controller's time per trial (scheduling on the loop's thread; Optuna, git notes and artifacts on
+the recorder's; git commits on the committer's), and how busy the workers were between the
+first run's start and the last dispatch, counting only the trainer's own active time (its last
+logged train_time), and, as a check that every learner was told, the knobs sampler's trials left
+RUNNING (goal 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import faulthandler
 import os
 import pstats
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -70,7 +73,11 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="no warm slots: every run starts from nothing")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile the loop's main thread; print its N most costly functions (own time)")
+    ap.add_argument("--dump-after", type=float, default=0, metavar="S",
+                    help="print every thread's stack after S seconds (a run that hangs says where)")
     args = ap.parse_args()
+    if args.dump_after:
+        faulthandler.dump_traceback_later(args.dump_after, repeat=False, file=sys.stderr)
     args.sleep = args.run_s / 16
     console = Console()
     tmp = Path(tempfile.mkdtemp(prefix="bench-loop-"))
@@ -128,6 +135,8 @@ def main() -> None:
         ("recorder thread (database writes) / trial",
          f"{1000 * search.recorder.busy_s / max(1, len(per_trial)):.1f} ms",
          ""),
+        ("committer thread (git commits, shipping them) / trial",
+         f"{1000 * search.committer.busy_s / max(1, len(per_trial)):.1f} ms", ""),
         ("workers busy with the trainer's own active time, until the last dispatch", f"{100 * active:.2f} %",
          ">= 97 % " + ("PASS" if active >= 0.97 else "FAIL")),
         ("workers busy with the trainer's own active time, until the trials budget was reached",

@@ -212,16 +212,19 @@ class RunsDB:
         return self.history.resolve(rev)
 
     def commit_candidate(self, parent: str, changes: dict[str, str | None], title: str, rationale: str,
-                         proposer: str, model: str | None = None) -> tuple[str, bool]:
+                         proposer: str, model: str | None = None, *,
+                         history: History | None = None) -> tuple[str, bool]:
         """Commit `changes` (path -> text, None deletes) on `parent`: (commit, created_new).
 
         The same resulting tree as an existing candidate returns that candidate, created_new False.
+        `history`: another History of this repo to write with, a committer thread's own, since
+        GitPython's Repo is not shared across threads.
         """
         title = " ".join(title.split()) or "untitled change"
         trailers = f"Proposer: {proposer}" + (f"\nModel: {model}" if model else "")
         body = rationale.strip()
         message = f"{title}\n\n{body}\n\n{trailers}\n" if body else f"{title}\n\n{trailers}\n"
-        commit, created = self.history.commit(parent, changes, message, title)
+        commit, created = (history or self.history).commit(parent, changes, message, title)
         if not created:
             log.info("%r: same tree as candidate %s; reusing it", title, commit[:12])
         return commit, created
