@@ -322,10 +322,12 @@ def _classify(outcome, reader: CurveReader, pruned: list[str], log_path: Path) -
         detail = f" ({outcome.detail})" if outcome.detail else ""  # e.g. the process limit was reached
         tail = log_tail(log_path)
         trace = first_traceback(log_path)
+        # the exception's own line first: a table shows a reason's head, and frames come before it
+        head = f"exit code {outcome.exit_code}{detail}" + (f": {trace.splitlines()[-1].strip()[:200]}" if trace else "")
         if trace and trace not in tail:  # under torchrun the tail is the launcher's report, not the cause
-            return Status.FAILED, (f"exit code {outcome.exit_code}{detail}; first traceback:\n{trace}\n"
+            return Status.FAILED, (f"{head}; first traceback:\n{trace}\n"
                                    f"log tail:\n{tail[-TRACE_TAIL_CHARS:]}")
-        return Status.FAILED, f"exit code {outcome.exit_code}{detail}; log tail:\n{tail}"
+        return Status.FAILED, f"{head}; log tail:\n{tail}"
     if problem := reader.problem:
         return Status.INVALID, f"the log is not to be trusted: {problem}"
     if why := reader.incomplete():

@@ -1,7 +1,8 @@
 """The track's rules (search_space/track_rules.py), held to by the trusted evaluator (env/trusted.py).
 
-Each rule the evaluator can test is one more fresh sandboxed model process (a `Pass`) on the last
-checkpoint, with inputs the host builds here and logits the host compares here:
+Each rule the evaluator can test is one more fresh sandboxed model process (a `Pass`) on one
+checkpoint (the one a loss at a budget reads, else one drawn at random: env/trusted.py
+`rule_checkpoint`), with inputs the host builds here and logits the host compares here:
 - no test-time training, no state: a random three quarters of the held-out windows, in a random
   order (so every batch holds other rows), in a process of its own. A model that learns from what
   it has scored, remembers it, or lets one row's output depend on another's, gives other logits

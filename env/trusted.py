@@ -40,7 +40,6 @@ from search_space.target import Trust
 from search_space.track_rules import TrackRules
 
 MAGIC, HEADER_INTS = 20240520, 256  # the NanoGPT speedrun's .bin shard: int32 header, uint16 tokens
-TAIL_CHARS = 1500
 NORMAL_SHARDS = 2  # processes for the normal pass: each takes every other checkpoint, all run at once
 
 
@@ -249,6 +248,14 @@ def lookahead_problem(normal: np.ndarray, probed: np.ndarray, cuts: dict[int, in
     return None, d
 
 
+def rule_checkpoint(steps: list[int], budget: int | None, rng: np.random.Generator) -> int | None:
+    """The checkpoint the rule probes take: the one a loss at a budget reads, else one at random
+    (a time or steps to target counts wherever its curve crosses)."""
+    if budget in steps or not steps:
+        return budget if steps else None
+    return steps[int(rng.integers(len(steps)))]
+
+
 class Evaluator:
     """The model processes of one run's trusted evaluation: the normal pass over the checkpoints
     (split between NORMAL_SHARDS processes, which run at once) and the look-ahead probe of the
@@ -307,12 +314,14 @@ class Evaluator:
         """Recompute the loss at every kept checkpoint; probe every one for look-ahead (a time or
         steps to target is read where the curve crosses it, at any validation) and one for the track's
         rules: `at`, the checkpoint the objective reads (a loss at a budget short of the run's end),
-        else the last. A model that cheats only at the checkpoint that counts is probed there."""
+        else one drawn at random here (a time or steps to target counts wherever the curve crosses:
+        a model that keeps to the rules at some checkpoints only cannot know which one is probed)."""
         trust = self.trust
         windows = heldout_windows(heldout, trust.windows, trust.seq_len)
         rng = np.random.default_rng(secrets.randbits(64))  # drawn here, unknown to the model process
         probed, cuts = probe_inputs(windows, trust.probe_rows, rng)
         steps = sorted(kept)
+        rule_at = rule_checkpoint(steps, at, rng)
         at = at if at in kept else steps[-1] if steps else None
         for i, p in enumerate(self.normal):
             p.steps, p.inputs = steps[i::len(self.normal)], windows[:, :-1]
@@ -320,7 +329,7 @@ class Evaluator:
             self.probe.steps, self.probe.inputs = list(steps), probed
         rule_plan = rule_probes.plan(self.rules, windows, heldout, rng)
         for p in self.rule_passes:
-            p.steps, p.inputs = [at], rule_plan[p.name].inputs
+            p.steps, p.inputs = [rule_at], rule_plan[p.name].inputs
         if not self.started:
             for p in self.passes:
                 self.materialise(p.folder)
@@ -337,9 +346,9 @@ class Evaluator:
                 self._hand_over(p, kept)
         # The losses are computed as each checkpoint's logits appear, while the process works on the next.
         losses: dict[int, float] = {}
-        at_logits = None  # the normal pass's logits of checkpoint `at`, for the rule probes
+        at_logits = None  # the normal pass's logits of checkpoint `rule_at`, for the rule probes
         for p in self.normal:
-            got, logits = self._stream(p, windows[:, 1:], at)
+            got, logits = self._stream(p, windows[:, 1:], rule_at)
             losses.update(got)
             if logits is not None:
                 at_logits = logits
@@ -348,7 +357,8 @@ class Evaluator:
             self._check_outcome(p)
         rule_logits = {p.name: self._load(p, 0) for p in self.rule_passes if not p.problem}
         info: dict = {"heldout_windows": int(len(windows)), "heldout_tokens": int(windows[:, 1:].size),
-                      "probe_rows": len(cuts), "probe_step": at, "process_s": {p.name: p.seconds for p in self.passes},
+                      "probe_rows": len(cuts), "probe_step": at, "rule_step": rule_at,
+                      "process_s": {p.name: p.seconds for p in self.passes},
                       "started_early": self.early}
         problems = [f"trusted evaluation ({p.name} pass): {p.problem}" for p in self.passes if p.problem]
         if problems:
@@ -433,7 +443,10 @@ class Evaluator:
                 p.problem = p.problem or "the model process did not start"
                 return
             why = "; ".join(filter(None, (out.killed or f"exit code {out.exit_code}", out.detail)))
-            p.problem = f"the model process failed ({why}); log tail:\n{_tail(log)}"
+            # Not its log: the model process ran candidate code beside the held-out windows, and a reason
+            # reaches the proposer (its prompt's recent failures): a tail quoted here sent back 1 KiB of
+            # held-out text a run (tests/test_redteam_data.py). The log stays in the run's folder.
+            p.problem = f"the model process failed ({why}); its log ({log.name}) is not quoted: it saw held-out data"
 
     def _load(self, p: Pass, i: int) -> np.ndarray | None:
         """The i-th logits file of a pass, checked (a plain file, float32, the expected shape)."""
@@ -445,11 +458,12 @@ class Evaluator:
         try:
             arr = np.load(path, allow_pickle=False, mmap_mode="r")
         except (ValueError, OSError) as e:
-            p.problem = p.problem or f"unreadable logits for step {step}: {e}"
+            # the error's text, the shape and the dtype are the candidate's choice (an .npy header's keys,
+            # a field's name): none of them is quoted, as for the log above
+            p.problem = p.problem or f"unreadable logits for step {step} ({type(e).__name__})"
             return None
         if arr.shape != want or arr.dtype != np.float32:
-            got = f"{arr.dtype}{list(arr.shape)}"
-            p.problem = p.problem or f"logits for step {step} are {got}, expected float32{list(want)}"
+            p.problem = p.problem or f"logits for step {step} are not float32{list(want)}"
             return None
         return np.array(arr)
 
@@ -476,13 +490,6 @@ class Evaluator:
 
 def _folder(run_dir: Path) -> Path:
     return run_dir / f"m-{secrets.token_hex(6)}"
-
-
-def _tail(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")[-TAIL_CHARS:]
-    except OSError:
-        return ""
 
 
 def extra_pass(ev: Evaluator, name: str, steps: list[int], inputs: np.ndarray,

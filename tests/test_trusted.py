@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 
 from env.readout import CurveReader
-from env.trusted import CheckpointKeeper, cross_entropy, log_problems, lookahead_problem, observed_curve, probe_inputs
+from env.trusted import (
+    CheckpointKeeper,
+    cross_entropy,
+    log_problems,
+    lookahead_problem,
+    observed_curve,
+    probe_inputs,
+    rule_checkpoint,
+)
 from search_space.records import Point, RunResult, Status
 from search_space.target import Readout, TargetError, Trust, load_target
 from tests import hostile_measure as H
@@ -273,3 +281,14 @@ def test_old_records_read_as_untrusted():
     assert r.trust == "untrusted" and r.claimed == [] and not r.trusted
     r2 = RunResult(Status.OK, curve=[Point(0, 4.0, 0.0)], claimed=[Point(0, 3.9, 0.0)], trust="trusted")
     assert RunResult.from_dict(json.loads(json.dumps(r2.to_dict()))) == r2
+
+
+def test_the_rules_are_probed_at_a_checkpoint_the_model_cannot_know():
+    """A time to target counts wherever the curve crosses: always probing the last checkpoint would let
+    a model keep to the rules there only. A loss at a budget is probed where it is read."""
+    steps = [0, 20, 40, 60, 75]
+    rng = np.random.default_rng(0)
+    drawn = {rule_checkpoint(steps, None, rng) for _ in range(200)}
+    assert drawn == set(steps)
+    assert {rule_checkpoint(steps, 40, rng) for _ in range(20)} == {40}
+    assert rule_checkpoint([], None, rng) is None
