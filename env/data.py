@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from search_space.cache import KEY_ENV, cache_dir, data_key, key_id, keys_dir
+from search_space.cache import KEY_ENV, cache_dir, data_key, keys_dir, resolve_data_path
 from search_space.target import Target
 
 
@@ -42,10 +42,7 @@ def data_root(target: Target, key: str = "") -> Path | None:
     template = target.data_template
     if template is None or ("{cache}" not in template and "{key}" not in template):
         return target.data_path  # no per-node part: as resolved when the target was loaded
-    path = template.replace("{cache}", str(cache_dir()))
-    if "{key}" in path:
-        path = path.replace("{key}", key_id(key or data_key()))
-    return (Path(target.root) / path).resolve()
+    return (Path(target.root) / resolve_data_path(template, key)).resolve()
 
 
 # Extracts the target's frozen base into the scratch folder given and returns where `data.prepare`

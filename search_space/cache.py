@@ -50,3 +50,10 @@ def data_key() -> str:
 def key_id(key: str) -> str:
     """The key's fingerprint, for folder names: says which key, tells nothing of it."""
     return hashlib.sha256(b"speedsearch-data-key-id\0" + key.encode()).hexdigest()[:12]
+
+
+def resolve_data_path(template: str, key: str = "") -> str:
+    """`data.path` on this machine: `{cache}` its cache folder, `{key}` the fingerprint of the data key
+    (`key`, the controller's where a run spec carries it, else this machine's own)."""
+    path = template.replace("{cache}", str(cache_dir()))
+    return path.replace("{key}", key_id(key or data_key())) if "{key}" in path else path

@@ -15,7 +15,8 @@ from typing import Any
 
 from search_space.budget import KEYS as BUDGET_KEYS
 from search_space.budget import BudgetError, Objective, parse_budget
-from search_space.cache import cache_dir, data_key, key_id
+from search_space.cache import cache_dir as cache_dir  # re-exported: callers import it from here
+from search_space.cache import resolve_data_path
 from search_space.errors import UserError, typed
 from search_space.guard import Guard, GuardError, parse_guards
 from search_space.knobs import Knob, parse_knob
@@ -236,13 +237,6 @@ class Target:
                 "resume": resume}
 
 
-def _data_path(template: str) -> str:
-    """data.path on this machine: `{cache}` its cache folder, `{key}` its data key's fingerprint (a node
-    of a cluster resolves the controller's: env/data.py `data_root`)."""
-    path = template.replace("{cache}", str(cache_dir()))
-    return path.replace("{key}", key_id(data_key())) if "{key}" in path else path
-
-
 def _get(d: dict, key: str, kind: type | tuple, where: str, default: Any = ...) -> Any:
     return typed(d, key, kind, where, default, TargetError)
 
@@ -430,7 +424,7 @@ def parse_target(raw: dict, root: Path, source: Path | None = None) -> Target:
         env=dict(env),
         passthrough_env=_str_list(run, "passthrough_env", "run", ()),
         warm_imports=_str_list(run, "warm_imports", "run", ()),
-        data_path=(root / _data_path(data_path)).resolve() if data_path else None,
+        data_path=(root / resolve_data_path(data_path)).resolve() if data_path else None,
         data_template=data_path,
         data_prepare=_get(data, "prepare", str, "data", None),
         data_mount=mount,

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from env.data import KEY_ENV, data_key, data_root, ensure_data, hidden_paths, key_id, keys_dir
+from env.data import KEY_ENV, data_key, data_root, ensure_data, hidden_paths, keys_dir
 from env.evaluate import RunSpec, evaluate, make_sandbox
+from search_space.cache import key_id
 from search_space.target import load_target
 from search_space.targets.language import Language
 from tests.test_tinygpt import read_shard, shard_docs
