@@ -41,7 +41,10 @@ facts = {
     "exec_tmp": shutil.copy("/bin/true", "/tmp/true") and subprocess.run(["/tmp/true"]).returncode,
     "env": dict(os.environ),
 }
-print(json.dumps(facts))
+# One write, flushed before stderr's: a print of more than the 8 KiB buffer writes its text at once
+# and keeps its newline until exit, so the merged stream would read "{...}to stderr".
+sys.stdout.write(json.dumps(facts) + "\n")
+sys.stdout.flush()
 print("to stderr", file=sys.stderr)
 sys.exit(3)
 """
