@@ -37,6 +37,11 @@ def normalised_key(files: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def read_notes(db: RunsDB) -> list[str]:
+    """The notes a proposal's prompt carries: the search's own ("notes" state), then the review page's."""
+    return list(db.get_state("notes", [])) + prompt_notes(db)
+
+
 @dataclass
 class Record:
     commit: str
@@ -59,6 +64,8 @@ class Candidates:
         self.records: list[Record] = []
         self.seen: dict[str, str] = {}  # normalised key -> commit
         self.rejected: set[str] = set()  # commits a reviewer rejected: never a parent (agent/review/desk.py)
+        # the prompt's notes, kept by the desk as reviews change (None: read from the study per context)
+        self.notes: list[str] | None = None
         # candidate commits no study trial names yet: made ahead by the committer, or left by a crash
         # (a resume runs those at smoke); the loop removes one when it starts its first trial, and a
         # clean stop deletes the branches of those left (Committer.discard)
@@ -158,7 +165,7 @@ class Candidates:
             best=[attempt(r) for r in list(best.values())[:MAX_BEST]],
             failures=[attempt(r) for r in failures],
             tried=list(dict.fromkeys(r.title for r in self.records)),
-            notes=list(self.db.get_state("notes", [])) + prompt_notes(self.db),  # the review page's
+            notes=list(self.notes if self.notes is not None else read_notes(self.db)),
             baseline=baseline_line,
             check=lambda edits: self._apply(files, edits),  # proposer threads: no cache access
         )

@@ -9,7 +9,8 @@ controller's time per trial (scheduling on the loop's thread; Optuna, git notes 
 the recorder's; git commits on the committer's), and how busy the workers were between the
 first run's start and the last dispatch, counting only the trainer's own active time (its last
 logged train_time), and, as a check that every learner was told, the knobs sampler's trials left
-RUNNING (goal 0).
+RUNNING (goal 0). `--profile N` adds the loop thread's N costliest functions and its SQL statements
+by the agent/ line that asked for them (issue #8: none per trial, only at the start and the stop).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import pstats
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,8 @@ import optuna
 import ray
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from agent.live import Live
 from agent.loop import Search
@@ -65,6 +70,59 @@ def _handoff(xs: list[float]) -> str:
     return f"{1000 * np.median(xs):.0f} / {1000 * np.percentile(xs, 90):.0f} ms / {sum(xs):.1f} s"
 
 
+class LoopQueries:
+    """SQL statements run on the loop's (main) thread, by the innermost agent/ line that asked for
+    them (and the runs_db/ line under it): where the database still costs the loop time (--profile)."""
+
+    def __init__(self) -> None:
+        self.sites: Counter[str] = Counter()
+        self.at_stop = 0  # of them, run by Search._stop (the last words to the proposers, after the runs)
+        self.main = threading.main_thread()
+        event.listen(Engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, *_args) -> None:
+        if threading.current_thread() is not self.main:
+            return
+        try:  # never raise into the statement: a caller may take the error for the database's own
+            self.at_stop += any(f.f_code.co_name == "_stop" and f.f_code.co_filename.endswith("agent/loop.py")
+                                for f in _frames(sys._getframe(1)))
+            inner, frame = "", sys._getframe(1)
+            while frame is not None:  # a walk of frames, not traceback's: no source lines read per query
+                name = frame.f_code.co_filename
+                if "/runs_db/" in name and not inner:
+                    inner = self._short(frame)
+                if "/agent/" in name:
+                    self.sites[self._short(frame) + (f" <- {inner}" if inner else "")] += 1
+                    return
+                frame = frame.f_back
+            self.sites[inner or "elsewhere"] += 1
+        except Exception as e:
+            self.sites[f"(not attributed: {type(e).__name__})"] += 1
+
+    @staticmethod
+    def _short(frame) -> str:
+        """agent/loop.py:583 run: the file's folder and name, the line, the function."""
+        folder, name = os.path.split(frame.f_code.co_filename)
+        return f"{os.path.basename(folder)}/{name}:{frame.f_lineno} {frame.f_code.co_name}"
+
+    def close(self) -> None:
+        event.remove(Engine, "before_cursor_execute", self._seen)
+
+    def print(self, trials: int) -> None:
+        total = sum(self.sites.values())
+        print(f"SQL statements on the loop's thread: {total} ({total / max(1, trials):.1f} per trial); "
+              f"{self.at_stop} of them at the stop (Search._stop), {total - self.at_stop} before it "
+              f"({(total - self.at_stop) / max(1, trials):.1f} per trial)")
+        for site, n in self.sites.most_common(15):
+            print(f"  {n:6d}  {n / max(1, trials):6.2f}/trial  {site}")
+
+
+def _frames(frame):
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=1000)
@@ -93,12 +151,14 @@ def main() -> None:
         search = Search(db, toy, settings, pool, build_proposers(settings, toy, db), Live(enabled=False))
         t0 = time.time()
         profiler = cProfile.Profile() if args.profile else None
+        queries = LoopQueries() if args.profile else None
         with console.status(f"{args.trials} trials on {args.workers} logical GPUs"):
             if profiler:
                 profiler.enable()
             summary = search.run()
             if profiler:
                 profiler.disable()
+                queries.close()
         wall = time.time() - t0
         knob_study = optuna.load_study(study_name=f"{db.study_name}-knobs", storage=db.storage_url)
         knob_states = [t.state for t in knob_study.get_trials(deepcopy=False)]
@@ -160,6 +220,7 @@ def main() -> None:
         table.add_row(*row)
     console.print(table)
     if profiler:
+        queries.print(len(per_trial))
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
 
 

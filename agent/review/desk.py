@@ -2,18 +2,24 @@
 
 Once a second (`tick`) it applies the reviews the page queued (on the recorder's thread, in order
 with the search's other writes), refreshes which candidates are rejected (never a parent again:
-`Candidates.rejected`) and starts a replay of every approved candidate not replayed since its
-approval. A replay here is what `speedsearch replay` does (agent/replay.py): fresh seeds drawn from
-the commit and the search's replay counter, each run beside a base run with the same seed, recorded
-as a "replay" trial and its paired base trial; its runs go through the loop's pool and queue like
-any other, so a replay never waits for the search to end, nor stops it.
+`Candidates.rejected`) and the notes every prompt carries (`Candidates.notes`), and starts a replay
+of every approved candidate not replayed since its approval. It reads the reviews only when they may
+have changed (issue #8: no query on the loop's thread per tick or proposal): at the start, once one
+of its applies is written, and every tick while another process holds the writer lock (that one may
+write them at any moment); the approvals are looked at again after such a read and while a replay's
+result is on its way to the study. A replay here is what `speedsearch replay` does (agent/replay.py):
+fresh seeds drawn from the commit and the search's replay counter, each run beside a base run with
+the same seed, recorded as a "replay" trial and its paired base trial; its runs go through the loop's
+pool and queue like any other, so a replay never waits for the search to end, nor stops it.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
+from agent.candidates import read_notes
 from agent.names import Rung, Who
 from agent.recorder import record_start
 from agent.replay import REPLAYS_KEY
@@ -38,12 +44,20 @@ class Desk:
         self.finished: set[str] = set()  # replays whose results are on their way to the study
         self.next_at = 0.0
         self.k = 0  # the last replay number this desk took
-        search.candidates.rejected = rv.rejected(search.db)  # before the first proposal is asked for
+        self.applying: list[Future] = []  # queued reviews handed to the recorder, not written yet
+        self.stale = False  # the reviews may have changed since they were read
+        self.pending_due = True  # the approvals are to be looked at (approved_pending)
+        self._read_reviews()  # before the first proposal is asked for
         if not self.lock.held:
             search.live.note("another process holds this search's writer lock: reviews are not applied here")
 
     def close(self) -> None:
         self.lock.release()
+
+    def _read_reviews(self) -> None:
+        self.s.candidates.rejected = rv.rejected(self.s.db)
+        self.s.candidates.notes = read_notes(self.s.db)
+        self.pending_due = True
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -52,13 +66,22 @@ class Desk:
         self.next_at = now + EVERY_S
         db = self.s.db
         if not self.lock.held:  # the page or a command held it for a moment as the search started: retry
+            self.stale = True  # and whoever holds it may have written reviews since the last read
             self.lock.release()
             self.lock = rv.WriterLock(db.dir)
         if self.lock.held and rv.queued(db.dir):
-            self.s.recorder.call(rv.apply_queued, db)  # the writer's thread: in order with the search's writes
-        self.s.candidates.rejected = rv.rejected(db)
+            # the writer's thread: in order with the search's writes
+            self.applying.append(self.s.recorder.call(rv.apply_queued, db))
+        if any(f.done() for f in self.applying):  # written: read after it
+            self.stale, self.applying = True, [f for f in self.applying if not f.done()]
+        if self.stale:
+            self.stale = False
+            self._read_reviews()
         if not self.lock.held or FIDELITY not in self.s.baselines or self.s._budget_hit():
             return
+        if not (self.pending_due or self.finished):
+            return
+        self.pending_due = False
         pending = rv.approved_pending(db)
         for commit in [c for c in self.finished if c not in pending]:  # its replay is recorded now
             self.finished.discard(commit)
