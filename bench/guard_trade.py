@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--fidelity", default="full")
     args = ap.parse_args()
     target = load_target("tinylm-bpb")
-    (g,) = target.guards
+    g = next(x for x in target.guards if x.score == "accuracy")  # the guard the idea trades away
     sandbox = make_sandbox("process", target)
     patch = patch_of(target, IDEA)
     rows, pairs, base, cand = [], [], {}, []
@@ -56,7 +56,7 @@ def main() -> None:
             rows.append([str(c.seed), f"{bo.value:.4f}", f"{co.value:.4f}", f"{bo.value - co.value:+.4f}",
                          f"{b.guards[g.name]:.4f}", f"{c.guards[g.name]:.4f}",
                          f"{b.guards[g.name] - c.guards[g.name]:+.4f}"])
-        check = guard.check_runs(target.guards, cand, base)[0]
+        check = guard.check_runs([g], cand, base)[0]
     sp = judge.speedup(target.objective, math.nan, pairs)
     lowers = sp.gain > 0
     print_table(f"tinylm-bpb at {args.fidelity}: base vs {IDEA}, through evaluate (trusted, host-scored guard)",

@@ -90,6 +90,19 @@ def _counter(path: Path, key: str) -> int:
     return 0
 
 
+def cpu_seconds(dirs: list[Path]) -> float | None:
+    """CPU time the cgroup's processes have used, dead ones included (v2 `cpu.stat` usage_usec, which
+    every v2 cgroup has; v1 `cpuacct.usage`); None where no dir has either."""
+    for d in dirs:
+        usec = _counter(d / "cpu.stat", "usage_usec") if (d / "cpu.stat").exists() else None
+        if usec is not None:
+            return usec / 1e6
+        text = _read(d / "cpuacct.usage").strip()
+        if text.isdigit():
+            return int(text) / 1e9
+    return None
+
+
 def procs(dirs: list[Path]) -> list[int]:
     """Every process in these cgroups and their children cgroups."""
     found: set[int] = set()
@@ -267,6 +280,10 @@ class RunCgroup:
         if self.pids_dir is None:
             return 0
         return _counter(self.pids_dir / "pids.events", "max")
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds its processes have used so far (None without a cgroup that counts them)."""
+        return cpu_seconds(self.dirs)
 
     def peak_mb(self) -> float:
         """The memory cgroup's high-water mark (page cache included), 0 where unknown."""

@@ -10,7 +10,7 @@ first line would otherwise have that time left off its clock. A state at a valid
 once that step's line has arrived, and its moment is that line's arrival (what the run did after
 it, the continued run does again).
 
-Under `[trust]` the trusted evaluator's weight checkpoints (env/trusted.py CheckpointKeeper: copied
+Under `[trust]` the trusted evaluator's weight checkpoints (env/trusted_log.py CheckpointKeeper: copied
 by the host when each validation line arrived, so the run never had a chance to rewrite them) go to
 the store too, each once, those at or before the state's step, before the state that counts on
 them. A continued run gets them back in its keep folder, so every validation step, before and after
@@ -30,7 +30,7 @@ import ray
 
 from env.readout import CurveReader
 from env.run_state import GRACE_S, LOG_CHARS, POLL_S, RESUME_DIR, Saved, pack, read_step, unpack
-from env.trusted import CheckpointKeeper
+from env.trusted_log import CheckpointKeeper
 from search_space.records import Point
 from search_space.target import Readout, RunCheckpoint
 
@@ -38,6 +38,8 @@ from search_space.target import Readout, RunCheckpoint
 class ContinuedReader(CurveReader):
     """A CurveReader that starts with the saved curve. Its clock is virtual: the saved segment's
     times, then (from the new run's first line on) the new run's, as if no gap had been."""
+
+    continued = True
 
     def __init__(self, readout: Readout, total_steps: int, pause_regex: str | None, saved: Saved,
                  allowance_s: float | None = None):

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 from env.cache_layer import mount_reader
+from env.cgroup import cpu_seconds
 from env.docker_attach import AttachStream, LineSink
 from env.docker_image import RUNNER_GID, RUNNER_UID, ensure_image, host_mounts
 from env.docker_kill import REMOVE_CALL_S, ContainerCgroups, Leader, call_with_deadline, stop_container
@@ -77,14 +78,19 @@ class _Probe:
     def __init__(self, cgroups: ContainerCgroups):
         self.memory_stat = cgroups.file("memory", "memory.stat")
         self.pids_events = cgroups.file("pids", "pids.events")
+        self.cpu_dirs = [d for d in (cgroups.dirs.get(""), cgroups.dirs.get("cpuacct")) if d is not None]
         self.peak_mb = 0.0
         self.forks_refused = 0
+        self.cpu_s: float | None = None  # the last count read (the cgroup goes with the container)
 
     def sample(self) -> None:
         fields = _flat_keyed(self.memory_stat)
         keys = ("total_rss", "total_mapped_file") if "total_rss" in fields else ("anon", "file_mapped")
         self.peak_mb = max(self.peak_mb, sum(fields.get(k, 0) for k in keys) / 2**20)
         self.forks_refused = max(self.forks_refused, _flat_keyed(self.pids_events).get("max", 0))
+        cpu = cpu_seconds(self.cpu_dirs)
+        if cpu is not None:
+            self.cpu_s = max(self.cpu_s or 0.0, cpu)
 
 
 def _flat_keyed(path: Path | None) -> dict[str, int]:
@@ -321,7 +327,7 @@ class DockerSandbox:
         if removal_error is not None:
             containment["removal"] = f"container {container.id[:12]} not removed ({removal_error}); the reaper will"
         return SandboxOutcome(exit_code=exit_code, killed=killed, wall_s=time.monotonic() - t0,
-                              peak_rss_mb=probe.peak_mb, detail=detail, containment=containment)
+                              peak_rss_mb=probe.peak_mb, cpu_s=probe.cpu_s, detail=detail, containment=containment)
 
     def _follow(self, request: SandboxRequest, stream: AttachStream, sink: LineSink, leader: Leader, probe: _Probe,
                 volume, cancel: threading.Event | None, t0: float) -> tuple[str | None, str]:

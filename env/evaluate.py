@@ -16,14 +16,15 @@ from pathlib import Path
 from env.cache_layer import shared_cache
 from env.continuation import Continuation
 from env.data import DataError, data_root, ensure_data, hidden_paths
-from env.guard import measure_guards
+from env.guard import cpu_scores, measure_guards
 from env.machine import run_memory_mb
 from env.provenance import provenance
 from env.readout import CurveReader
 from env.sandbox import Limits, Sandbox, SandboxRequest
 from env.source import DataSource, Source, prepare_folder, unship
 from env.stats import Band
-from env.trusted import CheckpointKeeper, Evaluator, expected_steps, log_problems, observed_curve
+from env.trusted import Evaluator
+from env.trusted_log import CheckpointKeeper, expected_steps, log_problems, observed_curve
 from env.workspace import apply_patch, materialise_base, materialise_commit
 from search_space.edits import EditError
 from search_space.knobs import routed_values
@@ -209,13 +210,15 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
             result.curve = observed_curve(reader)  # claimed losses, observed times (untrusted until measured)
         result.claimed = list(reader.points)
         result.provenance["peak_rss_mb"] = outcome.peak_rss_mb
+        result.provenance["cpu_s"] = outcome.cpu_s
         result.provenance["sandbox"] = sandbox.name
         result.provenance["containment"] = outcome.containment
         result.provenance["command"] = command
         result.status, result.reason = _classify(outcome, reader, pruned, log_path)
         if result.status == Status.OK and evaluator is not None and keeper is not None:
             _trusted_measurement(spec, result, reader, keeper, started, evaluator,
-                                 continuation.untrusted_before() if continuation is not None else (-1, ""))
+                                 continuation.untrusted_before() if continuation is not None else (-1, ""),
+                                 outcome.cpu_s)
     except BaseException:  # a cancel (KeyboardInterrupt in a Ray task) still frees the workspace volume
         sandbox.release(workdir, keep_workdir)
         raise
@@ -228,7 +231,8 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
 
 
 def _trusted_measurement(spec: RunSpec, result: RunResult, reader: CurveReader, keeper: CheckpointKeeper,
-                         started: float, evaluator: Evaluator, continued: tuple[int, str] = (-1, "")) -> None:
+                         started: float, evaluator: Evaluator, continued: tuple[int, str] = (-1, ""),
+                         cpu_s: float | None = None) -> None:
     """Check the log against what the sandbox observed, then recompute every point's loss from its
     checkpoint on held-out data (env/trusted.py). Any disagreement makes the run invalid. A continued
     run (env/run_state.py) has its clock checked across the break; the weights kept before it came
@@ -251,9 +255,10 @@ def _trusted_measurement(spec: RunSpec, result: RunResult, reader: CurveReader, 
                                     {p.step: p.val_loss / scale for p in reader.points}, at=at)
         problems, info["losses"] = measured.problems, measured.losses
         info.update(measured.info)
-        if not problems and target.guards:  # scores that must not drop, from the evaluator's logits
+        if not problems and target.guards:  # scores that must not drop: the evaluator's logits', the kernel's
             result.guards, problems = measure_guards(target.guards, evaluator, keeper.kept, data_folder, info,
                                                      at=measured.info.get("probe_step"))
+            result.guards.update(cpu_scores(target.guards, reader, cpu_s))
         if not problems:
             result.curve = observed_curve(reader, {s: v * scale for s, v in measured.losses.items()})
             result.trust = Trust.TRUSTED.value if floor < 0 else result.trust

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from env.readout import CurveReader
 from env.trusted import Evaluator, cross_entropy, extra_pass, heldout_windows, lookahead_problem, probe_inputs
-from search_space.guard import Guard
+from search_space.guard import CPU, Guard
 
 
 def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -50,6 +51,8 @@ def measure_guards(guards: tuple[Guard, ...], evaluator: Evaluator, kept: dict[i
     trust = evaluator.trust
     rng = np.random.default_rng(secrets.randbits(64))  # drawn here, unknown to the model process
     for i, g in enumerate(guards):
+        if g.score == CPU:  # the kernel's count (cpu_scores), not a model's
+            continue
         try:
             windows = heldout_windows(data_folder / g.heldout, g.windows, g.seq_len)
         except (OSError, ValueError) as e:  # the target's own data: its fault, but the run cannot be judged
@@ -75,3 +78,12 @@ def measure_guards(guards: tuple[Guard, ...], evaluator: Evaluator, kept: dict[i
         scores[g.name] = round(score(g.score, logits, windows[:, 1:]), 6)
         info.setdefault("guards", {})[g.name] = entry
     return scores, problems
+
+
+
+def cpu_scores(guards: tuple[Guard, ...], reader: CurveReader, cpu_s: float | None) -> dict[str, float]:
+    """Each cpu guard's score: the CPU seconds of the whole run, the kernel's count in its cgroup. A
+    continued run's count starts at its restart: it has no score, and its pair is lost."""
+    if cpu_s is None or reader.continued:
+        return {}
+    return {g.name: cpu_s for g in guards if g.score == CPU}

@@ -496,6 +496,7 @@ class ProcessSandbox:
         keeper = guardian()  # kills what the run leaves if this process dies under it
         if keeper is not None:
             keeper.watch("pg", proc.pid)
+        cpu0 = cgroup.cpu_s()  # a warm slot's cgroup has counted its interpreter's start (not the run's)
         try:
             with open(request.log_path, "wb") as log:
                 watch = _Watch(proc.pid, request, cgroup, volume, cancel, self.grace_s, self.interval_s)
@@ -511,6 +512,7 @@ class ProcessSandbox:
                     status = self._finish(proc, watch, watchdog)
                     # Read before the cgroups go: what the kernel enforced on its own.
                     oom, hits, cgroup_peak = cgroup.oom_killed(), cgroup.pids_limit_hits(), cgroup.peak_mb()
+                    cpu1 = cgroup.cpu_s()
         finally:
             cgroup.close()
             if keeper is not None:
@@ -527,6 +529,7 @@ class ProcessSandbox:
             watch.detail = f"{watch.detail}; {note}" if watch.detail else note
         outcome = SandboxOutcome(exit_code=None if watch.killed else exit_code, killed=watch.killed,
                                  peak_rss_mb=watch.peak_mb, detail=watch.detail,
+                                 cpu_s=None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 3),
                                  containment={"cgroup": cgroup.kind})
         return outcome, lines.started
 

@@ -22,6 +22,8 @@ class CurveReader:
     """`started`: when the run started (monotonic seconds), the zero of a regex readout's clock where
     the log prints none (default: the first line's arrival)."""
 
+    continued = False  # a run continued from a saved state (env/continuation.py): its clock is virtual
+
     def __init__(self, readout: Readout, total_steps: int, pause_regex: str | None = None,
                  started: float | None = None):
         self.readout = readout

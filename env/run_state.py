@@ -1,5 +1,5 @@
 """Run state for continuation: a long run that is lost, or cut off by a stop, goes on from its last
-checkpoint instead of starting again (issue #12, section 4). Not env/trusted.py's CheckpointKeeper,
+checkpoint instead of starting again (issue #12, section 4). Not env/trusted_log.py's CheckpointKeeper,
 which keeps model weights for the trusted evaluator.
 
 The protocol with the trainer (a target's `[checkpoint] every, path`): it writes its resumable

@@ -45,6 +45,9 @@ class SandboxOutcome:
     killed: str | None = None
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
+    # CPU seconds the run's processes used, counted by the kernel in its cgroup (None where unknown):
+    # work no log line can hide, such as training before step 0
+    cpu_s: float | None = None
     detail: str = ""  # e.g. the limit that was hit
     # What contained the run, for the provenance: {"cgroup": ..., "namespaces": ..., "disk": ...};
     # a value starting with "none (" says what was missing and why.

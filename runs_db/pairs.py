@@ -44,11 +44,6 @@ class Paired:
         return judge.speedup(kind, target_loss, self.obs(kind, target_loss), budget=budget)
 
 
-def node(r: RunResult) -> str:
-    """The node a run ran on ("" for a local run that did not say): the pool's worker id's first part."""
-    return str(r.provenance.get("worker", "")).split("/")[0]
-
-
 def pair_up(candidate: list[RunResult], base: list[RunResult], exclude_seeds: set[int] = frozenset()) -> Paired:
     """Match candidate and base runs by seed; keep a pair only when both are OK on one node."""
     by_seed = {r.seed: r for r in base}
@@ -56,7 +51,7 @@ def pair_up(candidate: list[RunResult], base: list[RunResult], exclude_seeds: se
     for c in candidate:
         b = by_seed.get(c.seed)
         if (c.seed in exclude_seeds or b is None or c.status != Status.OK or b.status != Status.OK
-                or not c.curve or not b.curve or node(c) != node(b)):
+                or not c.curve or not b.curve or c.node != b.node):
             out.lost += 1
             continue
         out.candidate.append(c)

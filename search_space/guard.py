@@ -13,6 +13,21 @@ it (env/guard.py), and how far the score may drop:
     tolerance = 0.01                 # the margin: the largest drop still accepted, in the score's unit
     alpha = 0.01                     # the non-inferiority test's level
 
+A guard on compute (`score = "cpu"`, no corpus) holds a loss-at-a-budget track to what it means.
+A budget of steps or tokens is the trainer's own count: a run can train before step 0's line (off
+the step count; the evaluator's `[trust] fresh_start` refuses a step 0 that already learned, not one
+that saved an untrained step 0 and then loaded what it trained), or draw several batches a step. What
+the host can count is compute: the CPU seconds the kernel counted in the run's cgroup, the whole run
+(wall time was tried first: on a loaded machine a base's start-up alone varied 4x). `tolerance` is
+then a ratio: the most times the base's CPU seconds a candidate may use (compared in log space: the
+drop is ln(candidate / base)); a pair counts only on one node. It measures a CPU trainer's work; a GPU
+trainer's CPU seconds are its launches and waits, a weaker proxy.
+
+    [[guard]]
+    name = "compute"
+    score = "cpu"
+    tolerance = 1.5                  # at most 1.5 x the base's CPU seconds
+
 The check is a paired non-inferiority test over the confirm pairs (candidate and base run of the
 same seed): one-sided t-test of H0 "the mean drop is at least `tolerance`" at level `alpha`. A
 candidate must show that its guard did not drop by the margin; failing to show it (too noisy, or
@@ -37,7 +52,9 @@ from scipy import stats
 from search_space.errors import UserError, typed
 from search_space.records import RunResult, Status
 
-SCORES = {"accuracy": "higher", "loss": "lower"}  # what the host computes from logits, and which way is better
+# what the host computes (from logits; "cpu" from the run's cgroup), and which way is better
+SCORES = {"accuracy": "higher", "loss": "lower", "cpu": "lower"}
+CPU = "cpu"
 KEYS = ("name", "heldout", "score", "direction", "tolerance", "alpha", "windows", "seq_len")
 ALPHA = 0.01
 
@@ -51,8 +68,8 @@ class Guard:
     """One guard metric (see the module's docstring)."""
 
     name: str
-    heldout: str  # a token shard (the speedrun's .bin format), relative to the data folder
-    tolerance: float  # the non-inferiority margin, in the score's unit (accuracy: a fraction)
+    heldout: str  # a token shard (the speedrun's .bin format), relative to the data folder ("" for cpu)
+    tolerance: float  # the non-inferiority margin, in the score's unit (accuracy: a fraction; cpu: a ratio)
     score: str = "accuracy"
     direction: str = "higher"
     alpha: float = ALPHA
@@ -84,6 +101,9 @@ def parse_guards(raw: Any, seq_len: int | None, mount: str | None) -> tuple[Guar
         direction = typed(g, "direction", str, where, SCORES[score], error=GuardError)
         if direction != SCORES[score]:
             raise GuardError(f"{where}.direction: {score} is better {SCORES[score]}, got {direction!r}")
+        if score == CPU:
+            out.append(_cpu_guard(g, name, where))
+            continue
         heldout = typed(g, "heldout", str, where, error=GuardError)
         parts = Path(heldout).parts
         if not heldout or Path(heldout).is_absolute() or ".." in parts:
@@ -105,6 +125,20 @@ def parse_guards(raw: Any, seq_len: int | None, mount: str | None) -> tuple[Guar
             raise GuardError(f"{where}: windows and seq_len must be positive, got {windows} and {win_len}")
         out.append(Guard(name, heldout, tolerance, score, direction, alpha, windows, win_len))
     return tuple(out)
+
+
+def _cpu_guard(g: dict, name: str, where: str) -> Guard:
+    extra = sorted(set(g) & {"heldout", "windows", "seq_len"})
+    if extra:
+        raise GuardError(f"{where}.{extra[0]}: a cpu guard reads the run's cgroup, it has no corpus")
+    ratio = float(typed(g, "tolerance", (int, float), where, error=GuardError))
+    if not (ratio >= 1 and math.isfinite(ratio)):
+        raise GuardError(f"{where}.tolerance: a cpu guard's tolerance is a ratio >= 1 (at most that many times "
+                         f"the base's CPU seconds), got {ratio!r}")
+    alpha = float(typed(g, "alpha", (int, float), where, ALPHA, error=GuardError))
+    if not 0 < alpha < 0.5:
+        raise GuardError(f"{where}.alpha: between 0 and 0.5, got {alpha!r}")
+    return Guard(name, "", ratio, CPU, SCORES[CPU], alpha, windows=0)
 
 
 # -- the check ---------------------------------------------------------------------------------
@@ -130,6 +164,12 @@ class GuardCheck:
     base: float = math.nan  # the base's
 
     def text(self) -> str:
+        if self.score == CPU and self.pairs >= 2:
+            verb = "held" if self.passed else "failed"
+            return (f"guard {self.name} {verb}: {self.candidate:.2f} CPU s vs base {self.base:.2f} CPU s a run, "
+                    f"x{math.exp(self.drop):.3f} (one-sided {1 - self.alpha:.0%} bound "
+                    f"x{math.exp(self.bound):.3f}) against a limit of x{self.tolerance:g}; paired non-inferiority "
+                    f"t-test on log CPU time p = {self.pvalue:.3g}, alpha {self.alpha:g}, {self.pairs} pairs")
         if self.pairs < 2:
             return (f"guard {self.name}: {self.pairs} pair{'s' if self.pairs != 1 else ''} with a guard score, "
                     "too few to show it did not drop")
@@ -151,33 +191,39 @@ class GuardCheck:
 
 def check(guard: Guard, pairs: list[tuple[float, float]]) -> GuardCheck:
     """The non-inferiority test of one guard over (candidate score, base score) pairs."""
-    sign = 1.0 if guard.direction == "higher" else -1.0
-    drops = [sign * (b - c) for c, b in pairs]
     cand = mean(c for c, _ in pairs) if pairs else math.nan
     base = mean(b for _, b in pairs) if pairs else math.nan
+    margin = guard.tolerance
+    if guard.score == CPU:  # a ratio: log time, where a run twice as costly is as far off as one half as costly
+        pairs = [(math.log(max(c, 1e-9)), math.log(max(b, 1e-9))) for c, b in pairs]
+        margin = math.log(guard.tolerance)
+    sign = 1.0 if guard.direction == "higher" else -1.0
+    drops = [sign * (b - c) for c, b in pairs]
     if len(drops) < 2:
         m = drops[0] if drops else math.nan
         return GuardCheck(guard.name, guard.score, guard.tolerance, guard.alpha, len(drops), m, math.inf, 1.0,
                           False, cand, base)
     m, s, n = mean(drops), stdev(drops), len(drops)
     if s == 0:
-        p = 0.0 if m < guard.tolerance else 1.0
+        p = 0.0 if m < margin else 1.0
         bound = m
     else:
         se = s / math.sqrt(n)
-        p = float(stats.t.cdf((m - guard.tolerance) / se, n - 1))  # H0: mean drop >= tolerance
+        p = float(stats.t.cdf((m - margin) / se, n - 1))  # H0: mean drop >= the margin
         bound = m + float(stats.t.ppf(1 - guard.alpha, n - 1)) * se
     return GuardCheck(guard.name, guard.score, guard.tolerance, guard.alpha, n, m, bound, p, p < guard.alpha,
                       cand, base)
 
 
-def run_pairs(name: str, runs: Iterable[RunResult], paired: dict[int, RunResult]) -> list[tuple[float, float]]:
+def run_pairs(name: str, runs: Iterable[RunResult], paired: dict[int, RunResult],
+              same_node: bool = False) -> list[tuple[float, float]]:
     """(candidate, base) scores of guard `name` for every seed where both runs ended OK with one.
-    A guard score is a property of the trained model, not a time: pairs on two nodes still count."""
+    A model's score is a property of the trained model: pairs on two nodes still count; a time
+    cpu guard's only on one node (`same_node`)."""
     out = []
     for c in runs:
         b = paired.get(c.seed)
-        if b is None or c.status != Status.OK or b.status != Status.OK:
+        if b is None or c.status != Status.OK or b.status != Status.OK or (same_node and c.node != b.node):
             continue
         cs, bs = c.guards.get(name), b.guards.get(name)
         if cs is not None and bs is not None and math.isfinite(cs) and math.isfinite(bs):
@@ -187,7 +233,7 @@ def run_pairs(name: str, runs: Iterable[RunResult], paired: dict[int, RunResult]
 
 def check_runs(guards: Iterable[Guard], runs: Iterable[RunResult], paired: dict[int, RunResult]) -> list[GuardCheck]:
     runs = list(runs)
-    return [check(g, run_pairs(g.name, runs, paired)) for g in guards]
+    return [check(g, run_pairs(g.name, runs, paired, same_node=g.score == CPU)) for g in guards]
 
 
 def hold_guards(answer: str, guards: tuple[Guard, ...], runs: list[RunResult],

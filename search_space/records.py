@@ -55,6 +55,11 @@ class RunResult:
         return self.trust == Trust.TRUSTED
 
     @property
+    def node(self) -> str:
+        """The node it ran on ("" for a local run that did not say): the pool's worker id's first part."""
+        return str(self.provenance.get("worker", "")).split("/")[0]
+
+    @property
     def final(self) -> Point | None:
         return self.curve[-1] if self.curve else None
 

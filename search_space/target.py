@@ -128,6 +128,10 @@ class Trust:
     startup_allowance_s: float = 60.0  # from the start of the run to its step-0 line
     probe_rows: int = 8  # held-out windows perturbed after a cut to test for look-ahead
     probe_tolerance: float = 1e-3  # max |logit change| allowed before the cut
+    # Step 0 is an untrained model: its measured held-out loss must be at least this fraction of
+    # ln(vocab), a uniform guess's. Training inside the start-up allowance is off the clock and off
+    # the step count; 0 turns the check off (a trainer whose initial model is informed on purpose).
+    fresh_start: float = 0.9
     pause_regex: str | None = PAUSE_LINE  # "": none; the observed interval then runs line to line
     timeout_s: float = 300.0  # for each evaluator process
 
@@ -152,7 +156,7 @@ class Resources:
     memory_mb: int | None = None  # None: a share of the machine that runs it (env/machine.py)
     timeout_s: float = 600.0
     # Compile and warm-up before step 0 (a record's torch.compile takes minutes): added to the
-    # timeout, and the trusted clock check's start-up allowance (env/trusted.py).
+    # timeout, and the trusted clock check's start-up allowance (env/trusted_log.py).
     startup_s: float = 0.0
     pids: int = 512  # processes and threads at once
     log_mb: int = 64  # log bytes kept; past it the run is invalid
@@ -305,6 +309,8 @@ def _trust(raw: Any, readout: Readout) -> Trust:
     for name in ("clock_tolerance", "clock_slack_ms", "startup_allowance_s", "probe_rows"):
         if got[name] < 0:
             raise TargetError(f"trust.{name}: must not be negative, got {got[name]}")
+    if not 0 <= got["fresh_start"] <= 1:
+        raise TargetError(f"trust.fresh_start: a fraction of ln(vocab) from 0 to 1, got {got['fresh_start']}")
     got["pause_regex"] = got["pause_regex"] or None  # "" (TOML has no null): no pause marker
     if got["pause_regex"] is not None:
         try:

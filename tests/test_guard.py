@@ -39,14 +39,16 @@ def with_trust(extra: dict | None = None, objective: dict | None = None) -> dict
 
 
 GOOD = {"name": NAME, "heldout": "guard/text.bin", "tolerance": 0.02}
+CPU = {"name": "compute", "score": "cpu", "tolerance": 1.5}
 
 
 def test_the_data_limited_target_loads():
     t = load_target("tinylm-bpb")
     assert t.objective == "loss_at_budget" and t.objective.budget == Budget("tokens", None, 1024, "bpb")
     assert t.readout.unit == "bpb" and t.readout.scale == pytest.approx(1 / math.log(2))
-    (g,) = t.guards
+    g, compute = t.guards
     assert (g.name, g.score, g.direction, g.tolerance, g.alpha) == (NAME, "accuracy", "higher", 0.02, 0.01)
+    assert (compute.name, compute.score, compute.direction, compute.tolerance) == ("compute", "cpu", "lower", 1.5)
     assert g.seq_len == t.trust.seq_len and g.heldout.startswith("guard/") and t.data_mount == "run"
     from runs_db.pairs import budget_words
     assert budget_words(t, "full") == "164K tokens (bpb)"
@@ -69,6 +71,8 @@ def test_the_data_limited_target_loads():
     ({"guard": [GOOD, GOOD]}, None, "a non-empty name used once"),
     ({"guard": [{"name": NAME, "tolerance": 0.1}]}, None, "heldout: missing"),
     ({"guard": {"name": NAME}}, None, "expected [[guard]] tables"),
+    ({"guard": [GOOD, {**CPU, "heldout": "guard/x.bin"}]}, None, "a cpu guard reads the run's cgroup"),
+    ({"guard": [GOOD, {**CPU, "tolerance": 0.9}]}, None, "a cpu guard's tolerance is a ratio >= 1"),
     (None, {"kind": "loss_at_budget", "budget": "wall_s"}, "needs the seconds of training"),
     (None, {"kind": "loss_at_budget", "budget": "tokens"}, "tokens_per_step: budget = \"tokens\" needs"),
     (None, {"kind": "loss_at_budget", "budget": "epochs"}, "needs a readout that counts epochs"),
@@ -116,9 +120,9 @@ def test_accuracy_is_computed_from_logits():
     assert accuracy(logits, np.array([[1, 1, 0], [2, 3, 3]])) == pytest.approx(3 / 6)
 
 
-def run(seed: int, loss: float, acc: float) -> RunResult:
+def run(seed: int, loss: float, acc: float, seconds: float = 6.0, node: str = "node-a") -> RunResult:
     return RunResult(Status.OK, curve=[Point(0, 8.0, 0.0), Point(160, loss, 5000.0)], total_steps=160, seed=seed,
-                     provenance={"worker": "node-a/1"}, trust="trusted", guards={NAME: acc})
+                     provenance={"worker": f"{node}/1"}, trust="trusted", guards={NAME: acc, "compute": seconds})
 
 
 def confirm(cand: list[tuple[float, float]], base: list[tuple[float, float]]):
@@ -138,17 +142,39 @@ def test_a_candidate_that_fails_its_guard_is_not_confirmed():
     base = [(3.20 + rng.normal(0, 0.01), 0.330 + rng.normal(0, 0.003)) for _ in range(12)]
     # lower bits per byte on every seed (the objective passes), prose accuracy 5 points down
     cheat = [(b - 0.06 + rng.normal(0, 0.005), a - 0.05 + rng.normal(0, 0.003)) for b, a in base]
-    objective, (verdict, why), (check,) = confirm(cheat, base)
+    objective, (verdict, why), (check, _) = confirm(cheat, base)
     assert objective == "pass" and verdict == "fail" and not check.passed
     assert "guard prose accuracy failed" in why and "tolerance of 0.02" in why
     assert f"a drop of {check.drop:+.4f}" in why and 0.04 < check.drop < 0.06 and check.pvalue > 0.01
     # the same gain with the guard held (no drop): confirmed
     honest = [(c[0], a + rng.normal(0, 0.003)) for c, (_, a) in zip(cheat, base, strict=True)]
-    objective, (verdict, why), (check,) = confirm(honest, base)
+    objective, (verdict, why), (check, _) = confirm(honest, base)
     assert (objective, verdict, why) == ("pass", "pass", "") and check.passed and check.bound < 0.02
     # too noisy to show the drop is under the margin: not confirmed either (non-inferiority must be shown)
     noisy = [(c[0], a + rng.normal(0, 0.05)) for c, (_, a) in zip(cheat, base, strict=True)]
     assert confirm(noisy, base)[1][0] == "fail"
+
+
+def test_the_cpu_guard_holds_compute_to_a_ratio_of_the_base_on_one_node():
+    from search_space import guard
+    (g,) = guard.parse_guards([CPU], 16, "run")
+    base = {s: run(s, 3.2, 0.33, seconds=10.0 + 0.1 * s) for s in range(6)}
+    same = [run(s, 3.1, 0.33, seconds=base[s].guards["compute"] * (1.0 + 0.02 * (-1) ** s)) for s in range(6)]
+    (ok,) = guard.check_runs([g], same, base)
+    assert ok.passed and ok.pairs == 6 and ok.text().startswith("guard compute held")
+    # three times the base's seconds (it trained before step 0, or drew several batches a step)
+    slow = [run(s, 2.4, 0.33, seconds=3.0 * base[s].guards["compute"] * (1.0 + 0.02 * (-1) ** s)) for s in range(6)]
+    (bad,) = guard.check_runs([g], slow, base)
+    assert not bad.passed and 2.99 < math.exp(bad.drop) < 3.01 and "limit of x1.5" in bad.text(), bad.text()
+    assert f"x{math.exp(bad.drop):.3f} (one-sided 99% bound x{math.exp(bad.bound):.3f})" in bad.text()
+    # 1.45x: inside the ratio, but not shown to be with two noisy pairs
+    near = [run(s, 3.1, 0.33, seconds=1.45 * base[s].guards["compute"] * (1.0 + 0.1 * (-1) ** s)) for s in range(2)]
+    assert not guard.check_runs([g], near, base)[0].passed
+    # CPU seconds are compared only on one node; a model's score on any two
+    elsewhere = [run(s, 3.1, 0.33, seconds=base[s].guards["compute"], node="node-b") for s in range(6)]
+    acc = guard.parse_guards([GOOD], 16, "run")[0]
+    assert guard.check_runs([g], elsewhere, base)[0].pairs == 0
+    assert guard.check_runs([acc], elsewhere, base)[0].pairs == 6
 
 
 def test_a_printed_guard_number_is_not_believed(tmp_path: Path):
@@ -171,6 +197,7 @@ def test_a_printed_guard_number_is_not_believed(tmp_path: Path):
     measured = r["provenance"]["trust"]["guards"][NAME]
     assert measured.pop("probe_max_change") <= 1e-3  # its windows probed for look-ahead too
     assert measured == {"score": "accuracy", "windows": 128, "tokens": 16384, "step": 8}
+    assert 0 < r["guards"]["compute"] == r["provenance"]["cpu_s"] < 600  # the kernel's count of the run's CPU
     # the curve is in bits per byte: the evaluator's nats, converted
     losses = r["provenance"]["trust"]["losses"]
     assert r["curve"][-1][1] == pytest.approx(losses["8"] / math.log(2))

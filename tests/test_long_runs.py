@@ -30,7 +30,7 @@ from env.pool import Pool, RunLost
 from env.run_progress import eta_s, read_progress
 from env.run_state import RunStateStore, Saved, pack, read_step, state_key, unpack
 from env.stats import Band
-from env.trusted import CheckpointKeeper, log_problems
+from env.trusted_log import CheckpointKeeper, log_problems
 from runs_db.db import RunsDB
 from search_space.readout import parse_readout
 from search_space.records import Status

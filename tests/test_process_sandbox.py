@@ -351,3 +351,14 @@ def test_freeze_kill_empties_a_v1_freezer_cgroup_and_refuses_roots():
             freeze_kill([Path("/sys/fs/cgroup/freezer")])  # a hierarchy's root: every process
     finally:
         d.rmdir()
+
+
+def test_cpu_seconds_are_the_kernels_count_of_every_process(sandbox, tmp_path):
+    """outcome.cpu_s is the run cgroup's CPU count: work done in a child that has exited is in it (a
+    run cannot hide compute from the cpu guard, search_space/guard.py, in a short-lived process)."""
+    burn = f"{sys.executable} -c 'sum(range(4 * 10**7))'"
+    busy = sandbox.run(request_for(tmp_path, f"{burn} && {burn}", limits=Limits(timeout_s=120)))
+    idle = sandbox.run(request_for(tmp_path, "sleep 1", limits=Limits(timeout_s=60)))
+    assert busy.exit_code == 0 and idle.exit_code == 0
+    assert busy.cpu_s is not None and idle.cpu_s is not None, busy.containment  # root, with cgroups: counted
+    assert busy.cpu_s > 0.3 and idle.cpu_s < 0.2 < busy.cpu_s, (busy.cpu_s, idle.cpu_s)

@@ -17,7 +17,7 @@ from env.data import DataError
 from env.evaluate import RunSpec, _link_data, evaluate, first_traceback, make_sandbox
 from env.machine import default_memory_mb, run_memory_mb, runs_that_fit, total_memory_mb
 from env.readout import CurveReader
-from env.trusted import log_problems
+from env.trusted_log import log_problems
 from search_space.knobs import knob_changes, read_constant, rewrite_constant
 from search_space.records import Status
 from search_space.target import Readout, TargetError, Trust, load_target, parse_target

@@ -17,15 +17,8 @@ import numpy as np
 import pytest
 
 from env.readout import CurveReader
-from env.trusted import (
-    CheckpointKeeper,
-    cross_entropy,
-    log_problems,
-    lookahead_problem,
-    observed_curve,
-    probe_inputs,
-    rule_checkpoint,
-)
+from env.trusted import cross_entropy, lookahead_problem, probe_inputs, rule_checkpoint
+from env.trusted_log import CheckpointKeeper, log_problems, observed_curve
 from search_space.records import Point, RunResult, Status
 from search_space.target import Readout, TargetError, Trust, load_target
 from tests import hostile_measure as H
