@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.pretrain_attack import pretraining
 from env.data import data_root, ensure_data, keys_dir
 from env.evaluate import RunSpec, evaluate, make_sandbox
 from env.sandbox import Limits
@@ -127,41 +128,9 @@ def test_the_logits_checks_quote_nothing_the_candidate_chose(tmp_path: Path):
 
 
 # Training before step 0: the start-up allowance (time before step 0's line) is off the clock and off
-# the step count. The candidate pretrains inside it on its own budget. "show" lets step 0's checkpoint
-# be the pretrained model; "swap" saves an untrained step 0 and loads what it trained right after.
-PRETRAIN = '''
-def build_optimizer(model, _steps=PRETRAIN_STEPS, _mode="MODE"):
-    import copy as _copy
-    import sys as _sys
-    _data = Path(_sys.argv[_sys.argv.index("--data") + 1])
-    _code = load_shard(_data / "train_code.bin")
-    _gen = torch.Generator().manual_seed(12345)
-    _fresh = _copy.deepcopy(model.state_dict())
-    _opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
-    for _ in range(_steps):
-        _x, _y = batch(_code, BATCH, _gen)
-        _loss = F.cross_entropy(model(_x).flatten(0, 1), _y.flatten())
-        _opt.zero_grad(set_to_none=True)
-        _loss.backward()
-        _opt.step()
-    if _mode == "swap":
-        _trained = _copy.deepcopy(model.state_dict())
-        model.load_state_dict(_fresh)
-        _save = globals()["save_checkpoint"]
-        def _swapping(m, step):
-            _save(m, step)
-            if step == 0:  # the untrained step 0 is on disk: now the weights it trained
-                m.load_state_dict(_trained)
-        globals()["save_checkpoint"] = _swapping
-    return torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-'''
-
-
-def _pretraining(mode: str, steps: int = 200) -> str:
-    old = ("def build_optimizer(model):\n"
-           "    return torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)\n")
-    new = PRETRAIN.replace("PRETRAIN_STEPS", str(steps)).replace("MODE", mode).lstrip("\n")
-    return f"train.py\n<<<<<<< SEARCH\n{old}=======\n{new}>>>>>>> REPLACE\n"
+# the step count. The candidate pretrains inside it on its own budget (bench/pretrain_attack.py):
+# "show" lets step 0's checkpoint be the pretrained model; "swap" saves an untrained step 0 and
+# loads what it trained right after.
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +147,7 @@ def bpb_runs(tmp_path_factory):
 
 def test_a_model_that_learned_before_step_0_is_refused(bpb_runs):
     _, run = bpb_runs
-    r = run(_pretraining("show"), 1, "show")
+    r = run(pretraining("show", 50), 1, "show")
     assert r.status == Status.INVALID and "step 0: the trusted evaluation measured" in r.reason, r.reason
     assert "learned before its first step" in r.reason
 
@@ -187,7 +156,7 @@ def test_compute_spent_before_step_0_fails_the_cpu_guard(bpb_runs):
     from search_space import guard
     target, run = bpb_runs
     compute = next(g for g in target.guards if g.score == guard.CPU)
-    cand = [run(_pretraining("swap", 1000), s, f"swap-{s}") for s in (1, 2)]
+    cand = [run(pretraining("swap", 600), s, f"swap-{s}") for s in (1, 2)]
     base = {s: run("", s, f"base-{s}") for s in (1, 2)}
     for r in cand + list(base.values()):
         assert r.status == Status.OK and r.trusted, r.reason  # the untrained step 0 passes every other check
