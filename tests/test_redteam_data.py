@@ -152,11 +152,12 @@ def test_a_model_that_learned_before_step_0_is_refused(bpb_runs):
     assert "learned before its first step" in r.reason
 
 
+@pytest.mark.timeout(900)  # four trusted runs: 2.5 min alone, nearly 5 in the loaded suite
 def test_compute_spent_before_step_0_fails_the_cpu_guard(bpb_runs):
     from search_space import guard
     target, run = bpb_runs
     compute = next(g for g in target.guards if g.score == guard.CPU)
-    cand = [run(pretraining("swap", 600), s, f"swap-{s}") for s in (1, 2)]
+    cand = [run(pretraining("swap", 300), s, f"swap-{s}") for s in (1, 2)]
     base = {s: run("", s, f"base-{s}") for s in (1, 2)}
     for r in cand + list(base.values()):
         assert r.status == Status.OK and r.trusted, r.reason  # the untrained step 0 passes every other check
