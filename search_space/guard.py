@@ -116,9 +116,7 @@ def parse_guards(raw: Any, seq_len: int | None, mount: str | None) -> tuple[Guar
         tolerance = float(typed(g, "tolerance", (int, float), where, error=GuardError))
         if not tolerance >= 0 or not math.isfinite(tolerance) or (score == "accuracy" and tolerance >= 1):
             raise GuardError(f"{where}.tolerance: a margin >= 0 in the score's unit, got {tolerance!r}")
-        alpha = float(typed(g, "alpha", (int, float), where, ALPHA, error=GuardError))
-        if not 0 < alpha < 0.5:
-            raise GuardError(f"{where}.alpha: between 0 and 0.5, got {alpha!r}")
+        alpha = _alpha(g, where)
         windows = typed(g, "windows", int, where, 64, error=GuardError)
         win_len = typed(g, "seq_len", int, where, seq_len, error=GuardError)
         if windows < 1 or win_len < 1:
@@ -135,10 +133,14 @@ def _cpu_guard(g: dict, name: str, where: str) -> Guard:
     if not (ratio >= 1 and math.isfinite(ratio)):
         raise GuardError(f"{where}.tolerance: a cpu guard's tolerance is a ratio >= 1 (at most that many times "
                          f"the base's CPU seconds), got {ratio!r}")
+    return Guard(name, "", ratio, CPU, SCORES[CPU], _alpha(g, where), windows=0)
+
+
+def _alpha(g: dict, where: str) -> float:
     alpha = float(typed(g, "alpha", (int, float), where, ALPHA, error=GuardError))
     if not 0 < alpha < 0.5:
         raise GuardError(f"{where}.alpha: between 0 and 0.5, got {alpha!r}")
-    return Guard(name, "", ratio, CPU, SCORES[CPU], alpha, windows=0)
+    return alpha
 
 
 # -- the check ---------------------------------------------------------------------------------
