@@ -384,7 +384,7 @@ class Search:
                 versus, base_obs = "its base run side by side, 1 seed, unconfirmed", p_obs
             if obs is not None:
                 sp = judge.speedup(base.kind, base.target_loss, [(obs, base_obs)], versus=versus)
-                t.values[t.rung], t.scores[t.rung] = obs.value, obs.value / base_obs.value
+                t.values[t.rung], t.scores[t.rung] = obs.value, judge.score(obs.value, base_obs.value)
                 t.speedup, t.speedup_text = sp.to_dict(), sp.text()
                 won_rung = ladder.beats(sp, ladder.screen_bar(t.rung, self.settings.min_speedup,
                                                               base_obs is p_obs))

@@ -71,7 +71,7 @@ class SpeedrunEnv:
             return 0.0
         if math.isinf(value):
             return 0.0
-        speedup = math.log(self.baseline_value / value)
+        speedup = math.log(max(self.baseline_value, 1e-9) / value)
         return max(-1.0, min(1.0, speedup)) / 2 + 0.5
 
     def task_text(self) -> str:

@@ -24,6 +24,7 @@ from search_space.judge import (
     next_look,
     pvalue,
     run_objective,
+    score,
     speedup,
     spent,
 )
@@ -44,6 +45,15 @@ def test_run_objective_crossing_and_censoring():
     assert run_objective("time_to_target", [], 2.5) is None
     with pytest.raises(ValueError, match="objective"):
         run_objective("fastest", CURVE, 2.5)
+
+
+def test_score_survives_a_crossing_at_zero():
+    """A base run side by side that reaches the target at its first point (0 ms) once crashed the
+    loop with a ZeroDivisionError (CI, stop 16); the score uses the gains' floor instead."""
+    assert score(150.0, 300.0) == pytest.approx(0.5)
+    assert score(0.0, 0.0) == pytest.approx(1.0)
+    assert score(5.0, 0.0) > 1e9 and score(0.0, 5.0) < 1e-9
+    assert score(math.inf, 2.0) == math.inf and score(math.inf, math.inf) == 1.0
 
 
 def test_choose_target_loss_lets_95_percent_of_baseline_seeds_reach_it():
