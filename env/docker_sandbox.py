@@ -278,10 +278,11 @@ class DockerSandbox:
         keeper = guardian()  # removes the container if this process dies under it (env/guardian.py)
         if keeper is not None:
             keeper.watch("ct", container.id)
-        stream = leader = cgroups = None
+        stream = leader = cgroups = began = None
         killed, detail, escalation = None, "", ""
         try:
             stream = AttachStream(self.client, container.id)  # before start: no early line is lost
+            began = time.monotonic()  # the command may run from here (the container is made)
             container.start()
             container.reload()
             pid = container.attrs["State"].get("Pid") or 0
@@ -327,7 +328,8 @@ class DockerSandbox:
         if removal_error is not None:
             containment["removal"] = f"container {container.id[:12]} not removed ({removal_error}); the reaper will"
         return SandboxOutcome(exit_code=exit_code, killed=killed, wall_s=time.monotonic() - t0,
-                              peak_rss_mb=probe.peak_mb, cpu_s=probe.cpu_s, detail=detail, containment=containment)
+                              peak_rss_mb=probe.peak_mb, cpu_s=probe.cpu_s, began=began, detail=detail,
+                              containment=containment)
 
     def _follow(self, request: SandboxRequest, stream: AttachStream, sink: LineSink, leader: Leader, probe: _Probe,
                 volume, cancel: threading.Event | None, t0: float) -> tuple[str | None, str]:

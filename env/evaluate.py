@@ -216,7 +216,7 @@ def evaluate(spec: RunSpec, sandbox: Sandbox, run_root: Path, cancel: threading.
         result.provenance["command"] = command
         result.status, result.reason = _classify(outcome, reader, pruned, log_path)
         if result.status == Status.OK and evaluator is not None and keeper is not None:
-            _trusted_measurement(spec, result, reader, keeper, started, evaluator,
+            _trusted_measurement(spec, result, reader, keeper, max(started, outcome.began or started), evaluator,
                                  continuation.untrusted_before() if continuation is not None else (-1, ""),
                                  outcome.cpu_s)
     except BaseException:  # a cancel (KeyboardInterrupt in a Ray task) still frees the workspace volume

@@ -457,8 +457,10 @@ class ProcessSandbox:
         scratch = slot.folder / SCRATCH_DIRNAME
         env = sandbox_env(request, str(scratch / "home"), str(scratch / "tmp"))
         Path(request.log_path).parent.mkdir(parents=True, exist_ok=True)
+        began = time.monotonic()
         slot.go(argv, env)
         outcome, _ = self._supervise(slot.proc, request, slot.cgroup, bound, "", on_line, cancel)
+        outcome.began = began
         outcome.containment = {"cgroup": outcome.containment["cgroup"], "disk": bound.kind,
                                "start": "warm slot"}
         return outcome
@@ -480,13 +482,16 @@ class ProcessSandbox:
         # The leader enters the cgroups first, then execs: the run is inside before it can fork.
         # The leader dies with the thread that starts it (a worker killed with -9 included): env/guardian.py.
         argv = ["/bin/sh", "-c", f'{cgroup.add_pid_command()} && exec "$@"', "enter", *pdeath_argv(), *inner]
+        began = time.monotonic()  # the workspace volume is made; bwrap's own start counts from here
         try:
             proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         except BaseException:
             cgroup.close()
             raise
-        return self._supervise(proc, request, cgroup, volume, token, on_line, cancel)
+        outcome, started = self._supervise(proc, request, cgroup, volume, token, on_line, cancel)
+        outcome.began = began
+        return outcome, started
 
     def _supervise(self, proc: subprocess.Popen, request: SandboxRequest, cgroup: RunCgroup, volume,
                    token: str, on_line: LineCallback | None,

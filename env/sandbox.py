@@ -48,6 +48,9 @@ class SandboxOutcome:
     # CPU seconds the run's processes used, counted by the kernel in its cgroup (None where unknown):
     # work no log line can hide, such as training before step 0
     cpu_s: float | None = None
+    # time.monotonic() when the run's command began, its sandbox built (a volume made, a container
+    # started): the start-up allowance counts from here, not from the sandbox's own set-up
+    began: float | None = None
     detail: str = ""  # e.g. the limit that was hit
     # What contained the run, for the provenance: {"cgroup": ..., "namespaces": ..., "disk": ...};
     # a value starting with "none (" says what was missing and why.

@@ -111,6 +111,17 @@ def test_isolation_exit_code_and_log(sandbox, dockerd, tmp_path, monkeypatch):
     assert our_containers(dockerd, tmp_path) == []
 
 
+def test_the_command_begins_after_the_container_is_made(sandbox, tmp_path):
+    """outcome.began, the start-up allowance's zero, lies between the call and the command's own first
+    instant (one monotonic clock: no time namespace): making the container is not the run's time."""
+    t0 = time.monotonic()
+    out = sandbox.run(request_for(tmp_path, "python -c 'import time; print(time.monotonic())'",
+                                  limits=Limits(timeout_s=60)))
+    assert out.exit_code == 0, out.detail
+    own = float((tmp_path / "run.log").read_text().split()[-1])
+    assert out.began is not None and t0 < out.began <= own, (t0, out.began, own)
+
+
 def test_hardening_flags(sandbox, tmp_path):
     """What the probe cannot show from inside: the container's own configuration."""
     config = sandbox._config(request_for(tmp_path, "true", limits=Limits(memory_mb=300, cpus=2)), "x")

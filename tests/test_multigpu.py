@@ -113,6 +113,9 @@ def test_every_rank_ends(ray_cluster, tmp_path: Path, how: str):
         time.sleep(0.1)
     assert log is not None, "the run never started"
     assert len(banner(log.read_text())["RANKS"].split(",")) == 1
+    deadline = time.time() + 15  # the rank's /proc entry, read while a loaded machine is still spawning it
+    while time.time() < deadline and len(_alive(tag)) != 1:
+        time.sleep(0.1)
     assert len(_alive(tag)) == 1
     if how == "cancel":
         pool.cancel(ref)

@@ -12,25 +12,29 @@ from env.pool import Pool
 from search_space.records import Status
 from tests.toy import make_toy
 
-SHOW_GPUS = ('train.py\n<<<<<<< SEARCH\nMODE = "ok"\n=======\nMODE = "ok"\nimport os\n'
-             'print("VISIBLE=" + os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), flush=True)\n>>>>>>> REPLACE\n')
+SHOW_GPUS = ('train.py\n<<<<<<< SEARCH\nMODE = "ok"\n=======\nMODE = "ok"\nimport atexit, os\n'
+             'print("VISIBLE=" + os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), flush=True)\n'
+             'print(f"START={time.time()}", flush=True)\n'
+             'atexit.register(lambda: print(f"END={time.time()}", flush=True))\n>>>>>>> REPLACE\n')
 
 
 def test_gpu_ids_reach_the_sandbox_and_runs_overlap(ray_cluster, tmp_path: Path):
-    toy = make_toy(tmp_path / "toy", gpus=1, sleep=0.05)
+    toy = make_toy(tmp_path / "toy", gpus=1, sleep=0.3)  # about 6 s a run
     pool = Pool(run_root=tmp_path / "runs")
-    t0 = time.time()
     refs = [pool.submit(RunSpec(toy, seed=s, fidelity="full", patch=SHOW_GPUS)) for s in range(4)]
     done = [pool.get(r) for r in refs]
-    wall = time.time() - t0
-    seen = set()
+    seen, spans = set(), []
     for f in done:
         assert f.result.status == Status.OK, f.result.reason
-        line = next(line for line in f.log_text.splitlines() if line.startswith("VISIBLE="))
-        seen.add(line.split("=")[1])
-        assert f.result.provenance["gpu_ids"] == [line.split("=")[1]]
+        lines = dict(line.split("=", 1) for line in f.log_text.splitlines() if "=" in line and ":" not in line)
+        seen.add(lines["VISIBLE"])
+        assert f.result.provenance["gpu_ids"] == [lines["VISIBLE"]]
+        spans.append((float(lines["START"]), float(lines["END"])))
     assert seen == {"0", "1", "2", "3"}  # four runs, four logical GPUs, one each
-    assert wall < 4 * sum(f.result.wall_s for f in done) / 4 + 5  # they ran side by side, not one after another
+    # They ran side by side, not one after another: some moment has at least two of them training
+    # (the trainers' own clocks; Ray's worker start-up on a loaded 2-core machine staggers the starts).
+    most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert most >= 2, spans
 
 
 def test_cancel_kills_the_run(ray_cluster, tmp_path: Path):

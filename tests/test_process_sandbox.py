@@ -362,3 +362,14 @@ def test_cpu_seconds_are_the_kernels_count_of_every_process(sandbox, tmp_path):
     assert busy.exit_code == 0 and idle.exit_code == 0
     assert busy.cpu_s is not None and idle.cpu_s is not None, busy.containment  # root, with cgroups: counted
     assert busy.cpu_s > 0.3 and idle.cpu_s < 0.2 < busy.cpu_s, (busy.cpu_s, idle.cpu_s)
+
+
+def test_the_command_begins_after_the_sandbox_is_built(sandbox, tmp_path):
+    """outcome.began (the start-up allowance's zero, env/evaluate.py) lies between the call and the
+    command's own first instant: the sandbox's set-up (a workspace volume here) is not the run's."""
+    t0 = time.monotonic()
+    out = sandbox.run(request_for(tmp_path, f"{sys.executable} -c 'import time; print(time.monotonic())'",
+                                  limits=Limits(timeout_s=60, disk_mb=64)))
+    assert out.exit_code == 0, out.detail
+    own = float((tmp_path / "run.log").read_text().split()[-1])
+    assert out.began is not None and t0 < out.began <= own, (t0, out.began, own)
