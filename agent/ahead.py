@@ -7,6 +7,8 @@ idea library is only dry for the parents it has nothing left for.
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from agent.candidates import Candidates
@@ -26,6 +28,10 @@ class Ahead:
         self.none_streak: dict[str, int] = {}
         self.dry: dict[str, set[str]] = {}  # arm -> parents it had nothing left for
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="propose")
+        # What came of the asks, for bench/loop.py: (arm, "none" | "error" | "returned") -> count,
+        # and each proposal's seconds from the ask to its answer (queueing for a thread included).
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.seconds: dict[str, list[float]] = {}
 
     def proposer(self, arm_or_who: str) -> Proposer:
         return self.proposers[arm_or_who.split(":")[0]]
@@ -43,7 +49,11 @@ class Ahead:
             ctx = self.candidates.context(parent, baseline_line)
             if arm.startswith("llm:"):
                 ctx.notes = ctx.notes + [f"model: {arm[4:]}"]
-            self.futures[self.pool.submit(self.proposer(arm).propose, ctx)] = (arm, parent)
+            fut = self.pool.submit(self.proposer(arm).propose, ctx)
+            self.futures[fut] = (arm, parent)
+            asked = time.perf_counter()
+            fut.add_done_callback(lambda _f, arm=arm, asked=asked:
+                                  self.seconds.setdefault(arm, []).append(time.perf_counter() - asked))
 
     def parent(self, arm: str, base: str, nodes: list[Node]) -> str | None:
         parent, _why = self.policy.choose_parent(base, nodes)
@@ -66,10 +76,12 @@ class Ahead:
                 proposal = fut.result()
             except Exception as e:  # a proposer bug must not end the search
                 self.live.note(f"{arm} failed: {type(e).__name__}: {e}")
+                self.counts[arm, "error"] += 1
                 if getattr(e, "fatal", False):
                     self.policy.retire(arm)
                     continue
                 proposal = None
+            self.counts[arm, "none" if proposal is None else "returned"] += 1
             if proposal is None:
                 if arm == Who.IDEAS:  # the library has nothing more for this parent
                     self.dry.setdefault(arm, set()).add(parent)

@@ -216,6 +216,13 @@ def main() -> None:
          "equal " + ("PASS" if rewarded == ended else "FAIL")),
         ("verdict", summary.verdict_line()[:70], ""),
     ]
+    for arm in sorted({a for a, _ in search.ahead.counts} | set(search.ahead.seconds)):
+        took = search.ahead.seconds.get(arm, [])
+        what = ", ".join(f"{k} {n}" for (a, k), n in sorted(search.ahead.counts.items(), key=lambda kv: -kv[1])
+                         if a == arm)
+        rows.append((f"proposals of {arm}: what came of them; ask to answer, median / p90",
+                     f"{what}; {1000 * np.median(took) if took else 0:.0f} / "
+                     f"{1000 * np.percentile(took, 90) if took else 0:.0f} ms", ""))
     for row in rows:
         table.add_row(*row)
     console.print(table)

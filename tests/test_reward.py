@@ -97,3 +97,7 @@ def test_a_resumed_sampler_does_not_replay_its_draws_and_fails_only_orphans(tmp_
     assert not {p.knobs["lr"] for p in before} & {k["lr"] for k in after}
     assert again.settle({before[0].meta["knob_trial"]}) == 2 + 3  # two orphans and the three just asked
     assert again.running() == 1  # the one a resumed candidate will still report on
+    # the sampler's copy in memory is the record's, trial for trial (numbers, states, values)
+    again.tell(before[0], final(True, score=0.7))
+    seen = [[(t.number, t.state, t.params, t.value) for t in s.get_trials()] for s in (again.working, again.study)]
+    assert seen[0] == seen[1] and len(seen[0]) == 6 and seen[0][before[0].meta["knob_trial"]][3] == 0.7

@@ -8,6 +8,7 @@ detection named, while an honest run of the same fidelity is `ok` and `trusted`.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -27,8 +28,8 @@ TINYGPT = load_target("tinygpt")
 
 
 def evaluate_cli(tmp_path: Path, fidelity: str, patch: str | None = None,
-                 sandbox: str = "process") -> tuple[dict, str]:
-    args = [sys.executable, "-m", "agent", "evaluate", "--target", "tinygpt", "--fidelity", fidelity,
+                 sandbox: str = "process", target: str = "tinygpt") -> tuple[dict, str]:
+    args = [sys.executable, "-m", "agent", "evaluate", "--target", target, "--fidelity", fidelity,
             "--json", "--run-root", str(tmp_path / "runs"), "--sandbox", sandbox]
     if patch is not None:
         (tmp_path / "attack.patch").write_text(patch)
@@ -137,18 +138,30 @@ DOCKER_ATTACKS = {
 }
 
 
+@pytest.fixture(scope="module")
+def docker_tinygpt(tmp_path_factory) -> str:
+    """tinygpt with a 120 s start-up allowance: in the loaded suite a container's torch import took 35 s
+    of the built-in 30 (honest or not), and these tests are about the checks after step 0."""
+    folder = tmp_path_factory.mktemp("tinygpt-docker") / "tinygpt"
+    shutil.copytree(TINYGPT.source.parent, folder)
+    toml = folder / "target.toml"
+    assert "startup_allowance_s = 30\n" in toml.read_text()
+    toml.write_text(toml.read_text().replace("startup_allowance_s = 30\n", "startup_allowance_s = 120\n"))
+    return str(toml)
+
+
 @pytest.mark.docker
-def test_honest_run_is_trusted_under_docker(tmp_path):
-    r, _ = evaluate_cli(tmp_path, "smoke", sandbox="docker")
+def test_honest_run_is_trusted_under_docker(tmp_path, docker_tinygpt):
+    r, _ = evaluate_cli(tmp_path, "smoke", sandbox="docker", target=docker_tinygpt)
     assert r["status"] == "ok" and r["trust"] == "trusted", r["reason"]
     assert r["provenance"]["sandbox"] == "docker"
 
 
 @pytest.mark.docker
 @pytest.mark.parametrize("attack", sorted(DOCKER_ATTACKS))
-def test_measurement_attacks_under_docker(tmp_path, attack):
+def test_measurement_attacks_under_docker(tmp_path, attack, docker_tinygpt):
     fidelity, patch, marker, detection = DOCKER_ATTACKS[attack]
-    r, log = evaluate_cli(tmp_path, fidelity, patch, sandbox="docker")
+    r, log = evaluate_cli(tmp_path, fidelity, patch, sandbox="docker", target=docker_tinygpt)
     assert r["provenance"]["sandbox"] == "docker"
     refused(r, log, marker, detection)
 
