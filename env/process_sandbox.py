@@ -501,7 +501,6 @@ class ProcessSandbox:
         keeper = guardian()  # kills what the run leaves if this process dies under it
         if keeper is not None:
             keeper.watch("pg", proc.pid)
-        cpu0 = cgroup.cpu_s()  # a warm slot's cgroup has counted its interpreter's start (not the run's)
         try:
             with open(request.log_path, "wb") as log:
                 watch = _Watch(proc.pid, request, cgroup, volume, cancel, self.grace_s, self.interval_s)
@@ -534,7 +533,9 @@ class ProcessSandbox:
             watch.detail = f"{watch.detail}; {note}" if watch.detail else note
         outcome = SandboxOutcome(exit_code=None if watch.killed else exit_code, killed=watch.killed,
                                  peak_rss_mb=watch.peak_mb, detail=watch.detail,
-                                 cpu_s=None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 3),
+                                 # all the cgroup counted: a warm slot's interpreter start and imports
+                                 # too, as a cold start counts them (the cpu guard compares the two)
+                                 cpu_s=None if cpu1 is None else round(cpu1, 3),
                                  containment={"cgroup": cgroup.kind})
         return outcome, lines.started
 

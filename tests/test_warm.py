@@ -165,3 +165,19 @@ def test_warm_imports_are_done_before_the_run(box, tmp_path):
     out, warm = _run(box, _request(tmp_path, "b", "2 plain 0", imports=("xml.dom.minidom",)))
     assert out.containment.get("start") == "warm slot"
     assert not cold["preloaded"] and warm["preloaded"]
+
+
+def test_a_warm_run_counts_the_cpu_its_slot_spent_as_a_cold_run_would(box, tmp_path):
+    """outcome.cpu_s (the cpu guard's score) counts a warm slot's start and imports: the cold run
+    imports numpy itself and counts it, so a warm run that left the slot's share out looked cheaper
+    (a candidate and its base run may start either way)."""
+    def numpy_run(name: str):
+        req = _request(tmp_path, name, "", command="python3 uses_numpy.py", imports=("numpy",))
+        (req.workdir / "uses_numpy.py").write_text("import numpy\nprint(numpy.zeros(3).sum())\n")
+        return box.run(req)
+    cold, warm = numpy_run("a"), numpy_run("b")
+    assert cold.containment.get("start") != "warm slot" and warm.containment.get("start") == "warm slot"
+    assert cold.exit_code == 0 and warm.exit_code == 0
+    if cold.cpu_s is None:
+        pytest.fail(f"no cgroup CPU count here: {cold.containment}")
+    assert warm.cpu_s >= 0.5 * cold.cpu_s, (warm.cpu_s, cold.cpu_s)  # left out: 0.015 against 0.101
