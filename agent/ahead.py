@@ -55,6 +55,10 @@ class Ahead:
             fut.add_done_callback(lambda _f, arm=arm, asked=asked:
                                   self.seconds.setdefault(arm, []).append(time.perf_counter() - asked))
 
+    def rejected(self, arm: str, why: str) -> None:
+        """Count a proposal the candidates refused, by the kind of reason (bench/loop.py)."""
+        self.counts[arm, "rejected: " + why.split(" as ")[0].split(" of ")[0][:40]] += 1
+
     def parent(self, arm: str, base: str, nodes: list[Node]) -> str | None:
         parent, _why = self.policy.choose_parent(base, nodes)
         dry = self.dry.get(arm, set())

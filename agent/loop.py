@@ -135,7 +135,7 @@ class Search:
             if changes is None and self._adopt(arm, proposal):
                 continue
             if changes is None:
-                self.ahead.counts[arm, "rejected: " + why.split(" as ")[0].split(" of ")[0][:40]] += 1
+                self.ahead.rejected(arm, why)
                 self.live.note(f"rejected {proposal.title[:60]}: {why}")
                 self._tell(arm, proposal, rejected(proposal, why))
                 continue
@@ -144,7 +144,7 @@ class Search:
         for t, written in self.committer.collect():  # committed on the committer's thread, in order
             commit, why = self.candidates.committed(t.proposal, t.changes, written)
             if commit is None:
-                self.ahead.counts[t.arm or t.who, "rejected: " + why.split(" as ")[0][:40]] += 1
+                self.ahead.rejected(t.arm or t.who, why)
                 self.live.note(f"rejected {t.title[:60]}: {why}")
                 self._tell(t.who, t.proposal, rejected(t.proposal, why))
                 continue

@@ -22,6 +22,7 @@ from env.evaluate import RunSpec, evaluate
 from env.sandbox import Sandbox
 from env.stats import objective
 from env.workspace import materialise_base
+from search_space.judge import score
 from search_space.records import Status
 from search_space.rules import matches
 from search_space.target import Target
@@ -71,7 +72,7 @@ class SpeedrunEnv:
             return 0.0
         if math.isinf(value):
             return 0.0
-        speedup = math.log(max(self.baseline_value, 1e-9) / value)
+        speedup = -math.log(score(value, self.baseline_value))  # log(base / value), on the verdict's floor
         return max(-1.0, min(1.0, speedup)) / 2 + 0.5
 
     def task_text(self) -> str:

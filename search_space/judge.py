@@ -153,8 +153,10 @@ def _log(x: float) -> float:
 def score(value: float, base_value: float) -> float:
     """A rung's score: value / the base's value (< 1 beats the base), on the same floor as the
     gains, so a crossing at step 0 or 0 ms on either side is a number, not a division by zero."""
+    if math.isinf(value) and math.isinf(base_value):
+        return 1.0
     if math.isinf(value) or math.isinf(base_value):
-        return value / base_value if not (math.isinf(value) and math.isinf(base_value)) else 1.0
+        return value / base_value
     return math.exp(_log(value) - _log(base_value))
 
 
