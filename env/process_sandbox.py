@@ -416,19 +416,35 @@ class ProcessSandbox:
             inner = bwrap_argv(folder, request.data, _bound_cache(request), tuple(request.hide), inner, gpus)
         # The leader dies with the thread that starts it (a worker killed with -9 included): env/guardian.py.
         argv = ["/bin/sh", "-c", f'{cgroup.add_pid_command()} && exec "$@"', "enter", *pdeath_argv(), *inner]
-        try:
-            proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+
+        def launch() -> subprocess.Popen:
+            return subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc = launch()
         except BaseException:
             cgroup.close()
             volume.close()
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return Slot(key, proc, cgroup, volume, folder, token.encode(), threading.Event())
+        return Slot(key, proc, cgroup, volume, folder, token.encode(), threading.Event(), relaunch=launch)
+
+    @classmethod
+    def _read_token(cls, slot: Slot) -> None:
+        """Wait for the stub's token (its start-up done); anything else means it failed. A slot whose
+        namespaces could not be built (the mount race `run` retries too) is launched again."""
+        for attempt in range(SETUP_ATTEMPTS):
+            slot.failed = cls._token(slot)
+            if not slot.failed.startswith("bwrap:") or attempt == SETUP_ATTEMPTS - 1:
+                break
+            time.sleep(0.05 * (attempt + 1))
+            if not slot.launch_again():
+                break
+        slot.ready.set()
 
     @staticmethod
-    def _read_token(slot: Slot) -> None:
-        """Wait for the stub's token (its start-up done); anything else means it failed."""
+    def _token(slot: Slot) -> str:
+        """"" when the stub's token came, else what came instead."""
         assert slot.proc.stdout is not None
         fd, head = slot.proc.stdout.fileno(), b""
         expected = slot.token + b"\n"
@@ -442,8 +458,8 @@ class ProcessSandbox:
                 break
             head += chunk
         if head != expected:
-            slot.failed = (head.decode(errors="replace").strip() or "no token")[-300:]
-        slot.ready.set()
+            return (head.decode(errors="replace").strip() or "no token")[-300:]
+        return ""
 
     def _run_warm(self, slot: Slot, request: SandboxRequest, argv: list[str], on_line: LineCallback | None,
                   cancel: threading.Event | None) -> SandboxOutcome:

@@ -26,8 +26,9 @@ import shutil
 import subprocess
 import threading
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from env.sandbox import SandboxRequest
 from env.volume import bind_mount, unmount
@@ -95,6 +96,22 @@ class Slot:
     token: bytes
     ready: threading.Event
     failed: str = ""
+    relaunch: Callable[[], subprocess.Popen] | None = None  # starts `proc` again in the same folder and cgroups
+    discarded: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def launch_again(self) -> bool:
+        """Replace a process that died in its set-up with a new one; False once discarded."""
+        with self.lock:
+            if self.discarded or self.relaunch is None:
+                return False
+            self.proc.kill()
+            self.proc.wait()
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+            self.proc = self.relaunch()
+            return True
 
     def wait_ready(self, timeout_s: float) -> bool:
         return self.ready.wait(timeout_s) and not self.failed
@@ -106,6 +123,8 @@ class Slot:
 
     def discard(self) -> None:
         """Kill the unused slot and free its cgroups and volume."""
+        with self.lock:
+            self.discarded = True
         try:
             if self.proc.stdin is not None:
                 self.proc.stdin.close()

@@ -181,3 +181,38 @@ def test_a_warm_run_counts_the_cpu_its_slot_spent_as_a_cold_run_would(box, tmp_p
     if cold.cpu_s is None:
         pytest.fail(f"no cgroup CPU count here: {cold.containment}")
     assert warm.cpu_s >= 0.5 * cold.cpu_s, (warm.cpu_s, cold.cpu_s)  # left out: 0.015 against 0.101
+
+
+@pytest.mark.parametrize("first", ["bwrap: Can't bind mount /oldroot/ on /newroot/: Unable to apply mount flags",
+                                   "Traceback (most recent call last): ImportError"])
+@pytest.mark.parametrize("failures", [2, 99])
+def test_a_slot_whose_namespaces_were_not_built_is_launched_again(tmp_path, first, failures):
+    """bwrap copies the machine's mount table; a mount point removed meanwhile (another run's workspace)
+    fails it before the stub starts (stop 17's CI). The slot is launched again, as a cold run is;
+    any other failure is the slot's answer."""
+    from threading import Event
+
+    from env.process_sandbox import SETUP_ATTEMPTS
+    from env.warm import Slot
+
+    token, launches = "speedsearch-warm-test", []
+
+    def launch() -> subprocess.Popen:
+        said = first if len(launches) < failures else token
+        proc = subprocess.Popen([sys.executable, "-c", f"print({said!r})"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        launches.append(proc)
+        return proc
+
+    slot = Slot(("k",), launch(), None, None, tmp_path, token.encode(), Event(), relaunch=launch)
+    ProcessSandbox._read_token(slot)
+    assert slot.ready.is_set()
+    retried = first.startswith("bwrap:")
+    if retried and failures < SETUP_ATTEMPTS:
+        assert slot.wait_ready(0) and not slot.failed and len(launches) == failures + 1
+    else:
+        assert slot.failed.startswith(first[:20]) and not slot.wait_ready(0)
+        assert len(launches) == (SETUP_ATTEMPTS if retried else 1)
+    assert all(p.wait(5) is not None for p in launches)
+    slot.proc.stdout.close()
+    slot.proc.stdin.close()
