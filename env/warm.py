@@ -26,9 +26,9 @@ import shutil
 import subprocess
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from env.sandbox import SandboxRequest
 from env.volume import bind_mount, unmount
