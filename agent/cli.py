@@ -203,6 +203,8 @@ def launch(
     budget_dollars: float = typer.Option(0.0, help="stop after this many LLM dollars (0: no limit)"),
     seeds: int = typer.Option(3, help="baseline seeds per fidelity and first confirm batch"),
     max_fidelity: str = typer.Option("confirm", help="smoke | short | full | confirm"),
+    smoke: str = typer.Option("auto", help="the smoke rung before short: on | off | auto (on for CPU "
+                              "targets; off for GPU targets, where short pays the same start-up)"),
     storage: str = typer.Option("", help="Optuna storage URL (default: sqlite in the search folder)"),
     study_name: str = typer.Option("speedsearch", help="the search's study in --storage: searches sharing one "
                                    "database each need their own"),
@@ -228,7 +230,7 @@ def launch(
         values = {"target": target, "proposers": _split(proposers), "workers": workers,
                   "budget_trials": budget_trials, "budget_minutes": budget_minutes,
                   "budget_gpu_hours": budget_gpu_hours, "budget_dollars": budget_dollars, "seeds": seeds,
-                  "max_fidelity": max_fidelity, "storage": storage, "study_name": study_name,
+                  "max_fidelity": max_fidelity, "smoke": smoke, "storage": storage, "study_name": study_name,
                   "ray_address": ray_address, "sandbox": sandbox,
                   "models": models, "seed": seed, "fdr": fdr, "allow_untrusted": allow_untrusted,
                   "drain_minutes": drain_minutes}

@@ -3,14 +3,15 @@
 smoke (does it run) -> short (one seed, part of the steps) -> full (one seed) -> confirm (fresh
 seeds, each run beside a baseline run with the same seed, until the sequential paired test of
 `search_space.judge` answers). A candidate climbs only while it beats the baseline at the rung it
-just ran; an untrusted measurement never enters confirm unless the settings allow it.
+just ran; an untrusted measurement never enters confirm unless the settings allow it. GPU targets
+skip smoke (SearchSettings.smoke): there short pays the same start-up and answers "does it run" too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.names import Rung, Verdict
+from agent.names import LADDER, Rung, Verdict
 from search_space import judge
 from search_space.judge import Obs
 from search_space.records import RunResult, Status
@@ -24,8 +25,9 @@ class Step:
 
 
 def following(rung: str, ladder: tuple[str, ...]) -> str | None:
-    i = ladder.index(rung) + 1
-    return ladder[i] if i < len(ladder) else None
+    """The rung after `rung` in `ladder` (`rung` itself may be one the ladder skips: smoke)."""
+    later = [r for r in ladder if LADDER.index(r) > LADDER.index(rung)]
+    return later[0] if later else None
 
 
 def beats(speedup: judge.Speedup | None, min_speedup: float) -> bool:

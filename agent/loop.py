@@ -39,6 +39,7 @@ from env.pool import Pool, RunLost
 from runs_db import dashboard
 from runs_db.db import RunsDB
 from search_space import judge
+from search_space.errors import UserError
 from search_space.records import RunResult, Status
 from search_space.target import Target
 
@@ -57,6 +58,12 @@ class Search:
         self.policy = Policy(self.arms, seed=settings.seed)
         self.policy.load(db.get_state(STATE_KEY, None))
         self.candidates = Candidates(db, target)
+        # a candidate's rungs: those the target declares a fidelity for, smoke as SearchSettings.smoke says
+        self.ladder = tuple(r for r in settings.ladder(target.resources.gpus)
+                            if r == Rung.CONFIRM or r in target.fidelities)
+        if not self.ladder:
+            raise UserError(f"--max-fidelity {settings.max_fidelity}: target {target.name} has no such fidelity "
+                            f"(it has {', '.join(sorted(target.fidelities))})")
         self.live = live or Live(enabled=False)
         self.capacity = settings.workers or pool.capacity(target.resources.cpus, target.resources.ray_gpus)
         # lost runs, sick nodes, the cluster's size and its loss (agent/faults.py)
@@ -107,7 +114,7 @@ class Search:
     def _want_proposals(self) -> int:
         if self._budget_hit() or not self.policy.live_arms():
             return 0
-        ready = sum(1 for *_, t in self.queue if t.rung == Rung.SMOKE and not t.is_baseline)
+        ready = sum(1 for *_, t in self.queue if t.rung == self.ladder[0] and not t.is_baseline)
         return (self.capacity + self.capacity // 2 + 1 - ready - len(self.ahead.futures)  # keep proposals ahead
                 - self.committer.pending)
 
@@ -140,7 +147,7 @@ class Search:
                 self._tell(arm, proposal, rejected(proposal, why))
                 continue
             self.committer.submit(Trial("", parent, proposal.title, proposal.proposer, proposal.model, arm, proposal,
-                                        changes))
+                                        changes, rung=self.ladder[0]))
         for t, written in self.committer.collect():  # committed on the committer's thread, in order
             commit, why = self.candidates.committed(t.proposal, t.changes, written)
             if commit is None:
@@ -229,7 +236,7 @@ class Search:
             attrs = {"seeds": list(t.batch), "rung": t.rung}
             if t.arm:
                 attrs["arm"] = t.arm
-            if t.proposal is not None and t.rung == Rung.SMOKE:
+            if t.proposal is not None and not t.numbers:  # its first rung: what resume rebuilds it from
                 p = t.proposal
                 attrs.update(ideas=list(p.ideas), knobs=p.knobs, knob_trial=p.meta.get("knob_trial"),
                              llm_input_tokens=p.cost.input_tokens, llm_output_tokens=p.cost.output_tokens,
@@ -395,7 +402,7 @@ class Search:
             if t.proposal is not None:
                 self._tell(t.who, t.proposal, t.outcome())
         trusted = all(getattr(r, "trust", "trusted") == "trusted" for r in runs)
-        step = ladder.after_rung(t.rung, self.settings.ladder, worst is None, won_rung, trusted=trusted,
+        step = ladder.after_rung(t.rung, self.ladder, worst is None, won_rung, trusted=trusted,
                                  allow_untrusted=self.settings.allow_untrusted, first_batch=self.first_batch)
         state = "complete" if worst is None else ("pruned" if worst.status == Status.PRUNED else "fail")
         value = t.values.get(t.rung) if t.rung != Rung.SMOKE else (float("inf") if worst is None else None)
@@ -575,6 +582,8 @@ class Search:
         for t in r.continuing:  # and what stands of those still climbing (the idea library: never again there)
             if t.proposal is not None and t.who in self.proposers:
                 self._proposer(t.who).tell(t.proposal, t.outcome())
+            if not t.numbers:  # committed, never started: at this ladder's first rung
+                t.rung = self.ladder[0]
             self.push(t)
         settle = getattr(self.proposers.get(Who.KNOBS), "settle", None)
         if settle:

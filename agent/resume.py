@@ -6,8 +6,9 @@ finished inside it (`Trial.carried`); interrupted trials do not count against `b
 A run cut off inside such a rung runs again with the same seed and fidelity, so a target with
 `[checkpoint]` continues it from the state kept in the search folder (env/run_state.py). A
 candidate whose last rung ended carries on to the rung recorded with it (`next`), or stays ended
-with its verdict and reward; a commit that never started a trial starts at smoke. Every git note
-is written again from the study: notes are derived data, and a crash may have lost the last ones.
+with its verdict and reward; a commit that never started a trial starts at the ladder's first
+rung. Every git note is written again from the study: notes are derived data, and a crash may
+have lost the last ones.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class Restored:
 
 
 def proposal_of(t) -> Proposal | None:
-    """The proposal as the learners need it again, from its smoke trial's attrs."""
+    """The proposal as the learners need it again, from its first trial's attrs (smoke, or short
+    where the ladder skips smoke)."""
     a = t.attrs
     if t.proposer not in SEARCH_PROPOSERS:
         return None

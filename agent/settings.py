@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from agent.names import LADDER
+from agent.names import LADDER, Rung
 from search_space.errors import UserError
 from search_space.judge import MAX_PAIRS, MIN_PAIRS
 
@@ -16,6 +16,7 @@ SANDBOXES = ("process", "docker")
 # A study name: the search's Optuna study, and two beside it (`<name>-knobs`, `<name>-candidates`).
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PROPOSERS = ("ideas", "knobs", "llm")
+SMOKE = ("auto", "on", "off")
 # What `--resume` may change: how long and how wide the search goes on, never what it measures or
 # how it judges (a new target, sandbox or rule would mix incomparable results in one search).
 RESUMABLE = ("workers", "budget_trials", "budget_minutes", "budget_gpu_hours", "budget_dollars", "drain_minutes",
@@ -56,11 +57,20 @@ class SearchSettings:
     # At the minutes budget nothing new starts, but confirmations already under way may finish for up
     # to this many minutes more: a half-run confirmation would otherwise be thrown away.
     drain_minutes: float = 4.0
+    # The smoke rung (a few steps: does it run?) before short. On a GPU target a run's start-up and
+    # compile cost about as much as a short run (bench/gpu_share.py: smoke 29.6 s of wall a run, short
+    # 38 s), and short pays them again: there a candidate's first rung is short, which answers
+    # "does it run" as well. auto: on for CPU targets, off for GPU targets.
+    smoke: str = "auto"
 
     def __post_init__(self) -> None:
         """Refuse a bad value with one line naming its option (UserError), before anything is made."""
         if self.max_fidelity not in LADDER:
             raise UserError(f"--max-fidelity {self.max_fidelity}: use one of {', '.join(LADDER)}")
+        if self.smoke not in SMOKE:
+            raise UserError(f"--smoke {self.smoke}: use one of {', '.join(SMOKE)}")
+        if self.smoke == "off" and self.max_fidelity == Rung.SMOKE:
+            raise UserError("--smoke off with --max-fidelity smoke: the ladder would be empty")
         unknown = [p for p in self.proposers if p not in PROPOSERS]
         if unknown or not self.proposers:
             raise UserError(f"--proposers {','.join(self.proposers) or '(none)'}: "
@@ -85,9 +95,11 @@ class SearchSettings:
             raise UserError(f"min_speedup {self.min_speedup}: must be positive")
         self.model_weights()  # refuses a malformed --models
 
-    @property
-    def ladder(self) -> tuple[str, ...]:
-        return LADDER[: LADDER.index(self.max_fidelity) + 1]
+    def ladder(self, gpus: int) -> tuple[str, ...]:
+        """The rungs a candidate climbs, for a target with `gpus` GPUs a run (see `smoke`)."""
+        rungs = LADDER[: LADDER.index(self.max_fidelity) + 1]
+        smoke = self.smoke == "on" or (self.smoke == "auto" and (gpus == 0 or self.max_fidelity == Rung.SMOKE))
+        return rungs if smoke else tuple(r for r in rungs if r != Rung.SMOKE)
 
     def model_weights(self) -> dict[str, float]:
         out = {}

@@ -127,6 +127,8 @@ def launch(args: argparse.Namespace, folder: Path) -> dict:
     command = [sys.executable, "-m", "agent", "launch", "--dir", str(folder), "--target", args.target,
                "--proposers", args.proposers, "--budget-minutes", str(args.budget_minutes),
                "--workers", str(args.workers), "--drain-minutes", str(args.drain_minutes), "--json"]
+    if args.smoke:
+        command += ["--smoke", args.smoke]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}
     out, err = folder.parent / f"{folder.name}.launch.out", folder.parent / f"{folder.name}.launch.err"
     sampler.start()
@@ -480,6 +482,7 @@ def main() -> None:
     ap.add_argument("--pack", type=int, default=1, help="runs at once on one GPU (a copy of the target, pack = K)")
     ap.add_argument("--cpus", type=int, default=0, help="with --pack: the copy's CPUs a run (0: the target's)")
     ap.add_argument("--memory-mb", type=int, default=0, help="with --pack: the copy's memory a run (0: the target's)")
+    ap.add_argument("--smoke", default="", help="launch's --smoke (on | off | auto; default: launch's own)")
     ap.add_argument("--alone-rate", type=float, default=0.0,
                     help="k tokens/s of the base alone on the GPU: the share's steady rate (0: the base's own)")
     args = ap.parse_args()

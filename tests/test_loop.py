@@ -64,10 +64,11 @@ def test_search_finds_the_real_improvement(ray_cluster, tmp_path: Path):
     by_title = {t["title"]: t for t in data["trials"]}
     crash = by_title.get("A change that crashes")
     if crash:  # the policy may not have reached it within the budget
-        assert crash["state"] == "fail" and "boom" in crash["reason"]
+        assert crash["state"] == "fail" and "boom" in crash["reason"] and crash["fidelity"] == "short"
     assert {t["proposer"] for t in data["trials"]} >= {"baseline", "ideas"}
     rungs = {t["fidelity"] for t in data["trials"] if t["proposer"] != "baseline"}
-    assert {"smoke", "short", "full"} <= rungs
+    # the toy asks for a (logical) GPU: with --smoke auto its candidates start at short, which stops a crash
+    assert {"short", "full"} <= rungs and "smoke" not in rungs
     assert summary.confirmed and summary.best_text.startswith("time to loss"), summary
     with RunsDB.open(tmp_path / "search") as db:
         counts = db.get_state("policy")["counts"]
@@ -77,6 +78,12 @@ def test_search_finds_the_real_improvement(ray_cluster, tmp_path: Path):
     # every learner heard: the bandit one reward per ended candidate, the sampler COMPLETE or FAIL
     assert sum(sum(c) for c in counts.values()) == len(ended) > 0
     assert knobs and not [t.number for t in knobs if t.state == optuna.trial.TrialState.RUNNING]
+    firsts = {}  # each candidate's first study trial holds its proposal (what a resume rebuilds it from)
+    for t in sorted(db_trials, key=lambda t: t.number):
+        firsts.setdefault(t.commit, t)
+    firsts = [t for t in firsts.values() if t.proposer in ("ideas", "knobs")]
+    assert firsts and all(t.fidelity == "short" and t.attrs.get("arm") == t.proposer for t in firsts)
+    assert all(t.attrs.get("knobs") for t in firsts if t.proposer == "knobs")
     # a knobs candidate measured at short or beyond (its highest rung's score), even one the budget cut
     # off, is COMPLETE in the sampler's study; FAIL only for one never measured
     measured = {t.commit for t in db_trials if t.proposer == "knobs" and t.fidelity in ("short", "full")

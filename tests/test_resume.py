@@ -85,6 +85,23 @@ def test_trials_come_back_where_they_stood(db, tmp_path):
     assert {rec.rung for rec in r.records if rec.commit == c} == {"smoke", "short", "full", "confirm"}
 
 
+def test_a_candidate_that_started_at_short_comes_back_with_its_proposal(db, tmp_path):
+    """A ladder without smoke (a GPU target, --smoke auto): the first study trial is at short, and it
+    holds the proposal; interrupted there, the candidate runs short again with its knobs."""
+    base = db.start_trial(db.base_commit, None, "baseline", "baseline", "short", {"seeds": [0]})
+    db.finish_trial(base, 100.0, [result(0)], {"target_loss": 2.05}, "complete")
+    f = candidate(db, "F", "knobs")
+    n = db.start_trial(f, None, "knobs", "F", "short", {"arm": "knobs", "knobs": {"rate": 3.0}, "knob_trial": 7,
+                                                         "seeds": [0]})
+    db.close()
+    with RunsDB.open(tmp_path / "search") as again:
+        r = restore(again, ["short", "full"], 3)
+        assert again.trial(n).reason == INTERRUPTED
+    (t,) = r.continuing
+    assert (t.commit, t.rung, t.number, t.arm) == (f, Rung.SHORT, None, "knobs")
+    assert t.proposal.knobs == {"rate": 3.0} and t.proposal.meta == {"knob_trial": 7}
+
+
 def test_an_older_search_is_refused_in_one_line(db):
     db.study.set_user_attr("schema", 1)
     with pytest.raises(SchemaError) as info:
