@@ -54,10 +54,14 @@ PAIR_SPREAD = 0.10
 PAIRED_FULL_SLACK = 0.97
 
 
-def screen_paired(spread: float, workers: int) -> bool:
+def screen_paired(spread: float, workers: int, packed: bool = False) -> bool:
     """Should screening rungs run beside a base partner? `spread`: sd of the base's log objective
-    over its recent runs (Baselines.spread); a pair needs two workers at once."""
-    return workers >= 2 and spread > PAIR_SPREAD
+    over its recent runs (Baselines.spread); a pair needs two workers at once. Runs packed on one
+    GPU (`[resources] pack`) always pair: a run's speed there depends on what shares the GPU with it,
+    and the base's first runs, all started together, share it only with each other, so their small
+    spread says nothing of the mixes later runs meet (issue #11: a candidate and the base runs it is
+    compared with share the same packing)."""
+    return workers >= 2 and (packed or spread > PAIR_SPREAD)
 
 
 def screen_bar(rung: str, min_speedup: float, paired: bool) -> float:

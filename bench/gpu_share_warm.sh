@@ -3,7 +3,7 @@
 # cache persists per machine kind, so every search after a machine's first starts so). One base smoke run of
 # the packed target fills the data and compile caches, then bench/gpu_share.sh with KEEP_CACHE=1.
 # SRC_TAR (a tar.gz of the source to measure; default: this tree), PACK (8), CPUS (2), MEMORY_MB (12288),
-# ALONE_RATE (2247.1 k tokens/s), STOP_AFTER (430: the fill's minute must fit the call's 600 s too).
+# ALONE_RATE (2247.1 k tokens/s), MORE (more bench.gpu_share arguments, e.g. --smoke on), STOP_AFTER (430: the fill's minute must fit the call's 600 s too).
 set -uo pipefail
 [ -d /tmp/site/ray ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/*.whl 2>&1 | tail -2
 export SPEEDSEARCH_CACHE=/tmp/sscache-gpu-share
@@ -17,5 +17,5 @@ p('tinygpt-gpu', Path('/tmp/gsfill/target'), ${PACK:-8}, ${CPUS:-2}, ${MEMORY_MB
   echo "cache fill: $(( $(date +%s) - t0 )) s (data prepare + one cold base smoke run)" ) > "$out/fill.txt" 2>&1
 tail -3 "$out/fill.txt"
 KEEP_CACHE=1 NO_WHEELS=1 STOP_AFTER=${STOP_AFTER:-430} \
-  EXTRA="--pack ${PACK:-8} --cpus ${CPUS:-2} --memory-mb ${MEMORY_MB:-12288} --alone-rate ${ALONE_RATE:-2247.1}" \
+  EXTRA="--pack ${PACK:-8} --cpus ${CPUS:-2} --memory-mb ${MEMORY_MB:-12288} --alone-rate ${ALONE_RATE:-2247.1} ${MORE:-}" \
   bash bench/gpu_share.sh 2>&1 | tail -c 3000

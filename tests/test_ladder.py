@@ -96,6 +96,8 @@ def test_screening_pairs_only_on_a_busy_machine_with_two_workers():
     assert ladder.screen_paired(0.5, 2)  # this shared machine's spread of one run
     assert not ladder.screen_paired(0.03, 64)  # a quiet machine: the base's mean is the better yardstick
     assert not ladder.screen_paired(0.5, 1)  # one worker cannot run a pair side by side
+    assert ladder.screen_paired(0.0, 8, packed=True)  # runs packed on a GPU: always beside a base run
+    assert not ladder.screen_paired(0.0, 1, packed=True)
     # the slack is only at full, and only when paired
     assert ladder.screen_bar(Rung.FULL, 1.0, True) == ladder.PAIRED_FULL_SLACK < 1.0
     assert ladder.screen_bar(Rung.SHORT, 1.0, True) == 1.0
