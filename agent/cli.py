@@ -203,8 +203,8 @@ def launch(
     budget_dollars: float = typer.Option(0.0, help="stop after this many LLM dollars (0: no limit)"),
     seeds: int = typer.Option(3, help="baseline seeds per fidelity and first confirm batch"),
     max_fidelity: str = typer.Option("confirm", help="smoke | short | full | confirm"),
-    smoke: str = typer.Option("auto", help="the smoke rung before short: on | off | auto (on for CPU "
-                              "targets; off for GPU targets, where short pays the same start-up)"),
+    smoke: str = typer.Option("auto", help="the smoke rung before short: on | off | auto (off where the "
+                              "target declares a start-up of a minute or more, which short pays again)"),
     storage: str = typer.Option("", help="Optuna storage URL (default: sqlite in the search folder)"),
     study_name: str = typer.Option("speedsearch", help="the search's study in --storage: searches sharing one "
                                    "database each need their own"),

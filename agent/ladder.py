@@ -3,8 +3,9 @@
 smoke (does it run) -> short (one seed, part of the steps) -> full (one seed) -> confirm (fresh
 seeds, each run beside a baseline run with the same seed, until the sequential paired test of
 `search_space.judge` answers). A candidate climbs only while it beats the baseline at the rung it
-just ran; an untrusted measurement never enters confirm unless the settings allow it. GPU targets
-skip smoke (SearchSettings.smoke): there short pays the same start-up and answers "does it run" too.
+just ran; an untrusted measurement never enters confirm unless the settings allow it. A target
+with a long declared start-up skips smoke (SearchSettings.smoke): short pays that start-up again
+and answers "does it run" too.
 """
 
 from __future__ import annotations

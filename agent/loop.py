@@ -59,7 +59,7 @@ class Search:
         self.policy.load(db.get_state(STATE_KEY, None))
         self.candidates = Candidates(db, target)
         # a candidate's rungs: those the target declares a fidelity for, smoke as SearchSettings.smoke says
-        self.ladder = tuple(r for r in settings.ladder(target.resources.gpus)
+        self.ladder = tuple(r for r in settings.ladder(target.resources.startup_s)
                             if r == Rung.CONFIRM or r in target.fidelities)
         if not self.ladder:
             raise UserError(f"--max-fidelity {settings.max_fidelity}: target {target.name} has no such fidelity "

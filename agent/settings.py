@@ -17,6 +17,7 @@ SANDBOXES = ("process", "docker")
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PROPOSERS = ("ideas", "knobs", "llm")
 SMOKE = ("auto", "on", "off")
+LONG_STARTUP_S = 60.0  # a declared start-up this long: --smoke auto skips the smoke rung
 # What `--resume` may change: how long and how wide the search goes on, never what it measures or
 # how it judges (a new target, sandbox or rule would mix incomparable results in one search).
 RESUMABLE = ("workers", "budget_trials", "budget_minutes", "budget_gpu_hours", "budget_dollars", "drain_minutes",
@@ -57,10 +58,11 @@ class SearchSettings:
     # At the minutes budget nothing new starts, but confirmations already under way may finish for up
     # to this many minutes more: a half-run confirmation would otherwise be thrown away.
     drain_minutes: float = 4.0
-    # The smoke rung (a few steps: does it run?) before short. On a GPU target a run's start-up and
-    # compile cost about as much as a short run (bench/gpu_share.py: smoke 29.6 s of wall a run, short
-    # 38 s), and short pays them again: there a candidate's first rung is short, which answers
-    # "does it run" as well. auto: on for CPU targets, off for GPU targets.
+    # The smoke rung (a few steps: does it run?) before short. Where a run's start-up is long (a
+    # target declaring `[resources] startup_s` >= LONG_STARTUP_S, e.g. a speedrun's minutes of
+    # torch.compile) smoke pays it for a few steps and short pays it again: auto skips smoke there.
+    # On tinygpt-gpu (about 30 s of start-up and compile a run) skipping it bought nothing: smoke runs
+    # fill the single free slots that a pair (two at once) cannot (bench/results/gpu-share-*-nosmoke*).
     smoke: str = "auto"
 
     def __post_init__(self) -> None:
@@ -95,11 +97,12 @@ class SearchSettings:
             raise UserError(f"min_speedup {self.min_speedup}: must be positive")
         self.model_weights()  # refuses a malformed --models
 
-    def ladder(self, gpus: int) -> tuple[str, ...]:
-        """The rungs a candidate climbs, for a target with `gpus` GPUs a run (see `smoke`)."""
+    def ladder(self, startup_s: float = 0.0) -> tuple[str, ...]:
+        """The rungs a candidate climbs, for a target whose runs declare `startup_s` (see `smoke`)."""
         rungs = LADDER[: LADDER.index(self.max_fidelity) + 1]
-        smoke = self.smoke == "on" or (self.smoke == "auto" and (gpus == 0 or self.max_fidelity == Rung.SMOKE))
-        return rungs if smoke else tuple(r for r in rungs if r != Rung.SMOKE)
+        skip = self.smoke == "off" or (self.smoke == "auto" and startup_s >= LONG_STARTUP_S
+                                       and self.max_fidelity != Rung.SMOKE)
+        return tuple(r for r in rungs if r != Rung.SMOKE) if skip else rungs
 
     def model_weights(self) -> dict[str, float]:
         out = {}

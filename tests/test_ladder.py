@@ -121,27 +121,26 @@ def test_the_bases_spread_decides_screening(tmp_path):
     assert quiet.spread("short") == 0.0  # not measured there: nothing to pair by
 
 
-def test_gpu_targets_skip_smoke_unless_told():
-    """SearchSettings.smoke: on a GPU target short pays the start-up smoke would (bench/gpu_share.py),
-    so `auto` starts candidates at short there; CPU targets keep smoke; on/off say so everywhere."""
+def test_a_long_start_up_skips_smoke_unless_told():
+    """SearchSettings.smoke: where a run's declared start-up is long, short pays it again, so `auto`
+    starts candidates at short there; elsewhere smoke stays; on/off say so everywhere."""
     import pytest
 
-    from agent.settings import SearchSettings
+    from agent.settings import LONG_STARTUP_S, SearchSettings
     from search_space.errors import UserError
 
-    auto = SearchSettings()
-    assert auto.ladder(0) == LADDER
-    assert auto.ladder(1) == (Rung.SHORT, Rung.FULL, Rung.CONFIRM)
-    assert SearchSettings(smoke="on").ladder(1) == LADDER
-    assert SearchSettings(smoke="off").ladder(0) == (Rung.SHORT, Rung.FULL, Rung.CONFIRM)
-    assert SearchSettings(max_fidelity="smoke").ladder(1) == (Rung.SMOKE,)  # auto keeps the only rung asked for
+    auto, no_smoke = SearchSettings(), (Rung.SHORT, Rung.FULL, Rung.CONFIRM)
+    assert auto.ladder(0.0) == auto.ladder(LONG_STARTUP_S - 1) == LADDER
+    assert auto.ladder(LONG_STARTUP_S) == auto.ladder(600.0) == no_smoke
+    assert SearchSettings(smoke="on").ladder(600.0) == LADDER
+    assert SearchSettings(smoke="off").ladder(0.0) == no_smoke
+    assert SearchSettings(max_fidelity="smoke").ladder(600.0) == (Rung.SMOKE,)  # auto keeps the only rung asked for
     with pytest.raises(UserError, match="ladder would be empty"):
         SearchSettings(smoke="off", max_fidelity="smoke")
     with pytest.raises(UserError, match="--smoke maybe"):
         SearchSettings(smoke="maybe")
     # without smoke a candidate's first rung is short: it climbs from there as before, and a crash
     # there stops it as smoke would have
-    no_smoke = SearchSettings(smoke="off").ladder(0)
     assert ladder.after_rung(Rung.SHORT, no_smoke, True, True) == ladder.Step(Rung.FULL, 1)
     assert ladder.after_rung(Rung.SHORT, no_smoke, False, False).verdict == Verdict.STOPPED
     # a trial interrupted at smoke in a search whose ladder has none goes on to the next rung it has

@@ -46,7 +46,7 @@ def check_git_and_study_agree(d: Path) -> dict:
 
 def test_search_finds_the_real_improvement(ray_cluster, tmp_path: Path):
     toy = make_toy(tmp_path / "toy", gpus=1, sleep=0.02, full=20, short=10)
-    settings = SearchSettings(target=str(toy.source), proposers=("ideas", "knobs"), seeds=2,
+    settings = SearchSettings(target=str(toy.source), proposers=("ideas", "knobs"), seeds=2, smoke="off",
                               allow_untrusted=True, budget_trials=30, workers=4)  # the toy has no trusted evaluator
     # 30 trials: with 4 workers and proposals kept ahead, the trial budget can be spent on new candidates'
     # low rungs before any reaches confirm (CI saw that once at 20, each rung being a study trial)
@@ -67,7 +67,7 @@ def test_search_finds_the_real_improvement(ray_cluster, tmp_path: Path):
         assert crash["state"] == "fail" and "boom" in crash["reason"] and crash["fidelity"] == "short"
     assert {t["proposer"] for t in data["trials"]} >= {"baseline", "ideas"}
     rungs = {t["fidelity"] for t in data["trials"] if t["proposer"] != "baseline"}
-    # the toy asks for a (logical) GPU: with --smoke auto its candidates start at short, which stops a crash
+    # --smoke off: candidates start at short, which stops a crash as smoke would
     assert {"short", "full"} <= rungs and "smoke" not in rungs
     assert summary.confirmed and summary.best_text.startswith("time to loss"), summary
     with RunsDB.open(tmp_path / "search") as db:
