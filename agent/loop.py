@@ -221,8 +221,7 @@ class Search:
         """Does this screening rung run beside a base partner? (agent.ladder.screen_paired)"""
         fid = run_fidelity(t.rung)
         return (not t.is_baseline and t.rung in (Rung.SHORT, Rung.FULL) and fid in self.baselines
-                and ladder.screen_paired(self.baselines.spread(fid), self.capacity,
-                                                 self.target.resources.pack > 1))
+                and ladder.screen_paired(self.baselines.spread(fid), self.capacity, self.target.resources.pack > 1))
 
     def _new_number(self) -> int:
         n, self.next_number = self.next_number, self.next_number + 1
