@@ -246,14 +246,17 @@ def _trusted_measurement(spec: RunSpec, result: RunResult, reader: CurveReader, 
     problems, info = log_problems(trust, reader, result.total_steps, started, target.resources.startup_s)
     problems += keeper.problems([s for s in expected_steps(result.total_steps, trust.every) if s > floor])
     result.provenance["trust"] = info
-    if not problems:
+    # A timing problem alone (start-up, clock) leaves every checkpoint in place: the losses are still
+    # measured, so the reason names every problem. On a loaded machine a late line can trip the clock
+    # check first and hide what the loss check finds (stop 17's CI: a subset-validation attack).
+    if not [p for p in problems if not p.startswith(TIMING_PROBLEMS)]:
         scale = target.readout.scale  # the evaluator measures nats; the curve may hold bpb (readout.unit)
         # the checkpoint the objective reads (a loss at a budget short of the run's end): probed, and the guards' model
         budget = getattr(target.objective, "budget", None)
         at = budget.read_at(observed_curve(reader)) if target.objective == "loss_at_budget" and budget else None
         measured = evaluator.finish(keeper.kept, data_folder / trust.heldout,
                                     {p.step: p.val_loss / scale for p in reader.points}, at=at)
-        problems, info["losses"] = measured.problems, measured.losses
+        problems, info["losses"] = problems + measured.problems, measured.losses
         info.update(measured.info)
         if not problems and target.guards:  # scores that must not drop: the evaluator's logits', the kernel's
             result.guards, problems = measure_guards(target.guards, evaluator, keeper.kept, data_folder, info,
@@ -269,6 +272,7 @@ def _trusted_measurement(spec: RunSpec, result: RunResult, reader: CurveReader, 
         result.status, result.reason = Status.INVALID, "the log is not to be trusted: " + "; ".join(problems)
 
 
+TIMING_PROBLEMS = ("clock:", "start-up:")  # env/trusted_log.log_problems' problems that leave the log whole
 TRACEBACK = "Traceback (most recent call last):"
 RANK_PREFIX = re.compile(r"^\[(?:default)?rank(\d+)\]:\s?")  # torchrun's per-rank line prefix
 ROOT_RANK = re.compile(r"Root Cause \(first observed failure\):.*?\brank\s*:\s*(\d+)", re.S)

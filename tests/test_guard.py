@@ -205,10 +205,12 @@ def test_a_printed_guard_number_is_not_believed(tmp_path: Path):
 
 def test_a_short_search_over_the_data_limited_target(tmp_path: Path):
     """`speedsearch launch` over tinylm-bpb on CPU: the base is measured (trusted), candidates climb
-    past smoke, every run that ends OK carries its host-scored guard, and `show` prints it."""
+    past smoke, every run that ends OK carries its host-scored guard, and `show` prints it. One worker:
+    with two, a smoke run could end before the base's second run, its short wait for the baseline, and
+    two more smokes spend the three trials (stop 17's CI)."""
     d = tmp_path / "search"
     out = subprocess.run([sys.executable, "-m", "agent", "launch", "--dir", str(d), "--target", "tinylm-bpb",
-                          "--proposers", "ideas", "--budget-trials", "3", "--workers", "2", "--seeds", "2",
+                          "--proposers", "ideas", "--budget-trials", "3", "--workers", "1", "--seeds", "2",
                           "--max-fidelity", "short", "--json"], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     trials = json.loads(out.stdout)["status"]["trials"]

@@ -79,6 +79,14 @@ def test_forged_clock(honest, tmp_path, factor):
     assert "the sandbox observed" in r["reason"] and "tolerance 10%" in r["reason"]
 
 
+def test_a_clock_problem_does_not_hide_a_loss_problem(honest, tmp_path):
+    """A timing problem leaves the checkpoints whole, so the losses are still measured and the reason
+    names both (stop 17's CI: a late line under load tripped the clock before the loss check ran)."""
+    r, log = evaluate_cli(tmp_path, "short", H.forged_clock(0.5) + H.REWRITTEN_STDOUT)
+    refused(r, log, "ATTACK: stdout rewrites val_loss", "clock: the log claims")
+    assert "loss: the log claims val_loss" in r["reason"], r["reason"]
+
+
 def test_rewritten_stdout(honest, tmp_path):
     r, log = evaluate_cli(tmp_path, "smoke", H.REWRITTEN_STDOUT)
     refused(r, log, "ATTACK: stdout rewrites val_loss", "loss: the log claims val_loss")
