@@ -38,7 +38,16 @@ PASSTHROUGH_VARS = (*MULTICAST_OFF, "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH")
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 MAX_LINE_BYTES = 1 << 20  # a line longer than this reaches on_line in pieces
 DRAIN_S = 0.5  # after the leader exited and the rest was killed: how long to read what is left
-SETUP_ATTEMPTS = 6  # launches of a run whose namespaces could not be built (see `run`): 64 workers churn mounts
+# Launches of a run whose namespaces could not be built (see `run`), waiting setup_wait_s between
+# them: about 6 s in all. Mounts churn while many runs start and end; a worker killed with its slots
+# up has its volumes unmounted one by one for a second or more, and 6 tries in 1 s once all failed
+# (a trusted model process in the suite, beside test_resume_after_sigkill).
+SETUP_ATTEMPTS = 10
+
+
+def setup_wait_s(attempt: int) -> float:
+    return min(1.0, 0.05 * 2 ** attempt)
+
 WARM_READY_S = 120.0  # how long a run waits for its warm slot's start-up before it starts cold
 
 
@@ -353,7 +362,7 @@ class ProcessSandbox:
             # workspace being removed) makes it fail before the run starts: build it again.
             if started or outcome.killed is not None:
                 break
-            time.sleep(0.05 * (attempt + 1))
+            time.sleep(setup_wait_s(attempt))
         outcome.containment = {"cgroup": outcome.containment["cgroup"], "namespaces": namespaces,
                                "disk": volume.kind if volume is not None else "none (disk_mb = 0)"}
         outcome.wall_s = time.monotonic() - t0
@@ -437,7 +446,7 @@ class ProcessSandbox:
             slot.failed = cls._token(slot)
             if not slot.failed.startswith("bwrap:") or attempt == SETUP_ATTEMPTS - 1:
                 break
-            time.sleep(0.05 * (attempt + 1))
+            time.sleep(setup_wait_s(attempt))
             if not slot.launch_again():
                 break
         slot.ready.set()
