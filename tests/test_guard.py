@@ -203,6 +203,7 @@ def test_a_printed_guard_number_is_not_believed(tmp_path: Path):
     assert r["curve"][-1][1] == pytest.approx(losses["8"] / math.log(2))
 
 
+@pytest.mark.timeout(900)  # one worker: 165 s alone, past the default 300 s in the loaded suite
 def test_a_short_search_over_the_data_limited_target(tmp_path: Path):
     """`speedsearch launch` over tinylm-bpb on CPU: the base is measured (trusted), candidates climb
     past smoke, every run that ends OK carries its host-scored guard, and `show` prints it. One worker:
